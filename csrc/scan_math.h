@@ -1,0 +1,83 @@
+// Per-step math of the selective scan, shared by the CPU kernels and (later)
+// the CUDA kernels: every function here compiles for host and device.
+//
+// One scan step for channel d, state index n, token l (A = -exp(A_log) < 0):
+//   dt     = softplus(delta[l] + delta_bias[d])          (if delta_softplus)
+//   h[n]   = exp(dt * A[d, n]) * h[n] + dt * u[l] * B[l, n]
+//   y[l]   = sum_n C[l, n] * h[n] + D[d] * u[l]
+//   out[l] = y[l] * silu(z[l])                            (if z is given)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define VLSSM_HD __host__ __device__ __forceinline__
+#else
+#define VLSSM_HD inline
+#endif
+
+namespace vlssm {
+
+// mamba_ssm's softplus: identity above 20 (where log1p(exp(x)) == x in fp32).
+template <typename T>
+VLSSM_HD T softplus(T x) {
+  return x <= T(20) ? std::log1p(std::exp(x)) : x;
+}
+
+// d softplus / dx (matches the identity branch above 20).
+template <typename T>
+VLSSM_HD T softplus_grad(T x) {
+  return x <= T(20) ? T(1) / (T(1) + std::exp(-x)) : T(1);
+}
+
+template <typename T>
+VLSSM_HD T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+VLSSM_HD T silu(T x) {
+  return x * sigmoid(x);
+}
+
+template <typename T>
+VLSSM_HD T silu_grad(T x) {
+  const T s = sigmoid(x);
+  return s * (T(1) + x * (T(1) - s));
+}
+
+// exp for float, branch-free so the compiler vectorizes loops that call it.
+// Cody-Waite range reduction x = k ln2 + r, |r| <= ln2/2, then Cephes' degree-6
+// minimax polynomial: max relative error about 2 ulp over the clamped range.
+// Underflows to exactly 0 below -87.34 (no denormals); overflows to +inf.
+VLSSM_HD float fast_exp(float x) {
+  const float kHi = 88.3762626647949f;
+  const float kLo = -87.3365447504f;
+  const bool over = x > kHi;
+  const bool under = x < kLo;
+  x = x > kHi ? kHi : (x < kLo ? kLo : x);
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float k = (x * 1.44269504088896341f + kRound) - kRound;
+  float r = x - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float res = p * scale;
+  res = under ? 0.0f : res;
+  return over ? INFINITY : res;
+}
+
+// float64 is the ground-truth precision: use the libm exp.
+VLSSM_HD double fast_exp(double x) { return std::exp(x); }
+
+}  // namespace vlssm

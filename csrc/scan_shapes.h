@@ -1,0 +1,118 @@
+// Argument checks shared by every backend of the vlssm ops. They raise
+// ValueError / TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) naming the
+// argument and the expected shape, so a bad direct call of torch.ops.vlssm.*
+// never reads out of bounds. The public Python API checks first with the same
+// rules and friendlier wording.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace vlssm {
+
+// Steps between saved scan states (checkpoints); vlssm/ops/_schema.py mirrors it.
+constexpr int64_t kCheckpointChunk = 64;
+
+inline int64_t num_checkpoints(int64_t len) { return (len + kCheckpointChunk - 1) / kCheckpointChunk; }
+
+// State / parameter dtype: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct ScanShape {
+  int64_t batch, dim, L, N;
+};
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
+inline void check_tensor(const char* name, const at::Tensor& t, std::vector<int64_t> shape, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.defined(), name, " is undefined");
+  TORCH_CHECK_VALUE(t.sizes().vec() == shape, name, " must have shape ", shape_str(shape), ", got ",
+                    shape_str(t.sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), name, ": unsupported device ", t.device());
+}
+
+// An activation operand: given shape, u's dtype and device.
+inline void check_act(const char* name, const at::Tensor& t, std::vector<int64_t> shape, const at::Tensor& u) {
+  check_tensor(name, t, shape, u.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == u.device(), name, " must be on ", u.device(), ", got ", t.device());
+}
+
+inline void check_same(const char* name, const at::Tensor& t, const at::Tensor& like) {
+  check_act(name, t, like.sizes().vec(), like);
+}
+
+inline void check_checkpoints(const at::Tensor& ck, std::vector<int64_t> shape, at::ScalarType dtype) {
+  check_tensor("checkpoints", ck, shape, dtype);
+}
+
+inline void check_floating(const char* name, const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, name,
+                   " must be float16, bfloat16, float32 or float64, got ", s);
+}
+
+// Parameters (A, D, delta_bias, initial_state) are in the accumulation dtype.
+inline void check_param(const char* name, const at::Tensor& t, std::vector<int64_t> shape, const at::Tensor& u) {
+  check_tensor(name, t, shape, acc_dtype(u.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == u.device(), name, " must be on ", u.device(), ", got ", t.device());
+}
+
+// selective_scan: u, delta, z (b, D, L); A (D, N); B, C (b, N, L).
+inline ScanShape check_selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                      const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                                      const c10::optional<at::Tensor>& z,
+                                      const c10::optional<at::Tensor>& delta_bias,
+                                      const c10::optional<at::Tensor>& initial_state) {
+  TORCH_CHECK_VALUE(u.dim() == 3, "u must have shape (batch, dim, seqlen), got ", shape_str(u.sizes()));
+  check_floating("u", u);
+  TORCH_CHECK_VALUE(A.dim() == 2, "A must have shape (dim, dstate), got ", shape_str(A.sizes()));
+  const ScanShape sh{u.size(0), u.size(1), u.size(2), A.size(1)};
+  TORCH_CHECK_VALUE(sh.batch > 0 && sh.dim > 0 && sh.L > 0 && sh.N > 0, "empty input: u ", shape_str(u.sizes()),
+                    ", A ", shape_str(A.sizes()));
+  check_same("delta", delta, u);
+  check_param("A", A, {sh.dim, sh.N}, u);
+  check_act("B", B, {sh.batch, sh.N, sh.L}, u);
+  check_act("C", C, {sh.batch, sh.N, sh.L}, u);
+  if (D.has_value()) check_param("D", *D, {sh.dim}, u);
+  if (z.has_value()) check_same("z", *z, u);
+  if (delta_bias.has_value()) check_param("delta_bias", *delta_bias, {sh.dim}, u);
+  if (initial_state.has_value()) check_param("initial_state", *initial_state, {sh.batch, sh.dim, sh.N}, u);
+  return sh;
+}
+
+// fork_scan: u, delta (b, p + 2s, E); B, C (b, p + 2s, N); z (b, s, E); A (E, N).
+inline ScanShape check_fork_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                                 const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                                 int64_t prefix_len) {
+  TORCH_CHECK_VALUE(u.dim() == 3, "u must have shape (batch, prefix_len + 2 * suffix_len, dim), got ",
+                    shape_str(u.sizes()));
+  check_floating("u", u);
+  TORCH_CHECK_VALUE(A.dim() == 2, "A must have shape (dim, dstate), got ", shape_str(A.sizes()));
+  const ScanShape sh{u.size(0), u.size(2), u.size(1), A.size(1)};
+  TORCH_CHECK_VALUE(prefix_len >= 0 && prefix_len < sh.L && (sh.L - prefix_len) % 2 == 0,
+                    "prefix_len must be in [0, L) with L - prefix_len = 2 * suffix_len; got prefix_len ",
+                    prefix_len, " for L = ", sh.L);
+  const int64_t s = (sh.L - prefix_len) / 2;
+  TORCH_CHECK_VALUE(sh.batch > 0 && sh.dim > 0 && s > 0 && sh.N > 0, "empty input: u ", shape_str(u.sizes()),
+                    ", A ", shape_str(A.sizes()));
+  check_same("delta", delta, u);
+  check_param("A", A, {sh.dim, sh.N}, u);
+  check_act("B", B, {sh.batch, sh.L, sh.N}, u);
+  check_act("C", C, {sh.batch, sh.L, sh.N}, u);
+  if (D.has_value()) check_param("D", *D, {sh.dim}, u);
+  if (z.has_value()) {
+    check_act("z", *z, {sh.batch, s, sh.dim}, u);
+  }
+  if (delta_bias.has_value()) check_param("delta_bias", *delta_bias, {sh.dim}, u);
+  return sh;
+}
+
+}  // namespace vlssm

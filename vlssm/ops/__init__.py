@@ -1,0 +1,23 @@
+"""Public ops of vlssm. Each op: a schema (csrc/vlssm.cpp), a pure-PyTorch
+reference (:mod:`vlssm.reference`), a kernel per backend, fake and autograd
+registrations (here), and a test file (tests/ops/).
+
+- :func:`selective_scan` — mamba_ssm ``selective_scan_fn`` semantics (channel-major
+  (b, D, L)) plus ``reverse`` and ``initial_state``.
+- :func:`fork_conv1d` — depthwise causal conv + SiLU of ``[P, S]`` and ``[P, rev S]``
+  (token-major (b, L, E)).
+- :func:`fork_scan` — scan the prefix once, fork the state into the forward and the
+  reversed suffix, add D*u, sum, gate (token-major).
+"""
+from .fork import fork_conv1d, fork_scan
+from .scan import selective_scan
+
+__all__ = ["selective_scan", "fork_conv1d", "fork_scan"]
+
+
+def _register() -> None:
+    """Fake (meta) and autograd registrations; called once vlssm._C is loaded."""
+    from . import fork, scan
+
+    scan.register()
+    fork.register()

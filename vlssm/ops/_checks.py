@@ -1,0 +1,64 @@
+"""Argument validation shared by every backend of the public ops.
+
+Errors name the argument and the expected shape / dtype: TypeError for a wrong
+type or dtype, ValueError for a wrong shape, size or device. The compiled
+kernels check again (csrc/scan_shapes.h) so a direct torch.ops call is safe too.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State / parameter dtype of the kernels: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shape_str(shape: Sequence) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def tensor(name: str, t, ndim: int, layout: str, allow_empty: bool = False) -> torch.Tensor:
+    """Check that ``t`` is a floating tensor of rank ``ndim``; ``layout`` names the dims.
+
+    ``allow_empty`` lets the second dim (a token count) be 0; no other dim may be.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dtype not in FLOATING:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {_shape_str(t.shape)}")
+    empty = [i for i, n in enumerate(t.shape) if n == 0 and not (allow_empty and i == 1)]
+    if empty:
+        raise ValueError(f"{name} must not be empty, got shape {_shape_str(t.shape)}")
+    return t
+
+
+def like(name: str, t, ref_name: str, ref: torch.Tensor, shape: Sequence[int], layout: str,
+         same_dtype: bool = True) -> torch.Tensor:
+    """Check ``t``: shape ``shape`` (named ``layout``), ``ref``'s device and (``same_dtype``) dtype."""
+    tensor(name, t, len(shape), layout)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {_shape_str(shape)}, got {_shape_str(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+    if same_dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have dtype {ref.dtype} like {ref_name}, got {t.dtype}")
+    return t
+
+
+def param(name: str, t, ref_name: str, ref: torch.Tensor, shape: Sequence[int], layout: str) -> torch.Tensor:
+    """A parameter (A, D, delta_bias, initial_state): any floating dtype, cast to the accumulation dtype."""
+    like(name, t, ref_name, ref, shape, layout, same_dtype=False)
+    return t.to(acc_dtype(ref.dtype))
+
+
+def flag(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v

@@ -1,0 +1,160 @@
+"""``selective_scan``: mamba_ssm's selective scan, plus ``reverse`` and ``initial_state``.
+
+Schema (``torch.ops.vlssm.selective_scan``, defined in csrc/vlssm.cpp)::
+
+    selective_scan(u, delta, A, B, C, D?, z?, delta_bias?, initial_state?,
+                   delta_softplus, reverse) -> (out, last_state, checkpoints)
+
+``checkpoints`` (b, D, ceil(L / 64), N) holds the state every 64 steps; the
+backward recomputes the states in between from it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from ..reference import selective_scan_ref
+from . import _checks
+from ._schema import num_checkpoints
+
+__all__ = ["selective_scan"]
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    reverse: bool = False,
+    initial_state: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Selective scan with mamba_ssm ``selective_scan_fn`` semantics (channel-major).
+
+    For every batch b, channel d, state n, scanning tokens l = 0 .. L-1
+    (``reverse=True``: l = L-1 .. 0, outputs still in token order)::
+
+        dt      = softplus(delta[b,d,l] + delta_bias[d])   (softplus if delta_softplus)
+        h[n]    = exp(dt * A[d,n]) * h[n] + dt * B[b,n,l] * u[b,d,l]
+        out     = (sum_n C[b,n,l] h[n] + D[d] u[b,d,l]) * silu(z[b,d,l])
+
+    Args:
+        u, delta: (b, D, L), float16 / bfloat16 / float32 / float64. Any strides:
+            a transposed view of a token-major (b, L, D) tensor is read in place.
+        A: (D, N). B, C: (b, N, L), u's dtype.
+        D, delta_bias: (D,) or None. z: (b, D, L) or None (no gate).
+        delta_softplus: apply softplus (identity above 20, like mamba_ssm).
+        return_last_state: also return the final state (b, D, N).
+        reverse: scan from the last token to the first, without a copy.
+        initial_state: (b, D, N) state before the first scanned token, or None (zeros).
+        backend: None (``VLSSM_BACKEND`` or "auto"), "auto", "cpu" or "reference".
+
+    Parameters (A, D, delta_bias, initial_state) may have any floating dtype; they
+    are used in float32 (float64 when u is float64), as is the state.
+
+    Returns:
+        out (b, D, L) in u's dtype; with ``return_last_state``, ``(out, last_state)``
+        with last_state (b, D, N) in float32 (float64 for float64 inputs).
+    """
+    _checks.tensor("u", u, 3, "(batch, dim, seqlen)")
+    b, dim, L = u.shape
+    _checks.tensor("A", A, 2, "(dim, dstate)")
+    N = A.shape[1]
+    _checks.like("delta", delta, "u", u, (b, dim, L), "(batch, dim, seqlen)")
+    A = _checks.param("A", A, "u", u, (dim, N), "(dim, dstate)")
+    _checks.like("B", B, "u", u, (b, N, L), "(batch, dstate, seqlen)")
+    _checks.like("C", C, "u", u, (b, N, L), "(batch, dstate, seqlen)")
+    if D is not None:
+        D = _checks.param("D", D, "u", u, (dim,), "(dim,)")
+    if z is not None:
+        _checks.like("z", z, "u", u, (b, dim, L), "(batch, dim, seqlen)")
+    if delta_bias is not None:
+        delta_bias = _checks.param("delta_bias", delta_bias, "u", u, (dim,), "(dim,)")
+    if initial_state is not None:
+        initial_state = _checks.param("initial_state", initial_state, "u", u, (b, dim, N), "(batch, dim, dstate)")
+    _checks.flag("delta_softplus", delta_softplus)
+    _checks.flag("reverse", reverse)
+
+    if _backend.resolve_backend(backend, u.device) == "reference":
+        return selective_scan_ref(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+            reverse=reverse, initial_state=initial_state,
+        )
+    out, last_state, _ = torch.ops.vlssm.selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse
+    )
+    return (out, last_state) if return_last_state else out
+
+
+# --------------------------------------------------------------------------
+# Registration (run once vlssm._C has defined the schemas).
+
+def _fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse):
+    b, dim, L = u.shape
+    N = A.shape[1]
+    acc = _checks.acc_dtype(u.dtype)
+    return (
+        u.new_empty((b, dim, L)),
+        u.new_empty((b, dim, N), dtype=acc),
+        u.new_empty((b, dim, num_checkpoints(L), N), dtype=acc),
+    )
+
+
+def _fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+                   delta_softplus, reverse):
+    b, dim, L = u.shape
+    N = A.shape[1]
+    acc = _checks.acc_dtype(u.dtype)
+    empty = u.new_empty((0,), dtype=acc)
+    return [
+        u.new_empty((b, dim, L)),
+        u.new_empty((b, dim, L)),
+        u.new_empty((dim, N), dtype=acc),
+        u.new_empty((b, N, L)),
+        u.new_empty((b, N, L)),
+        u.new_empty((dim,), dtype=acc) if D is not None else empty,
+        u.new_empty((b, dim, L)) if z is not None else u.new_empty((0,)),
+        u.new_empty((dim,), dtype=acc) if delta_bias is not None else empty,
+        u.new_empty((b, dim, N), dtype=acc) if initial_state is not None else empty,
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
+    ctx.delta_softplus = delta_softplus
+    ctx.reverse = reverse
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dout, dlast_state, _dcheckpoints):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+    if dout is None:  # only last_state was used
+        dout = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = torch.ops.vlssm.selective_scan_backward(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+        ctx.delta_softplus, ctx.reverse,
+    )
+    return (
+        du, ddelta, dA, dB, dC,
+        dD if D is not None else None,
+        dz if z is not None else None,
+        dbias if delta_bias is not None else None,
+        dh0 if initial_state is not None else None,
+        None, None,
+    )
+
+
+def register() -> None:
+    torch.library.register_fake("vlssm::selective_scan")(_fake)
+    torch.library.register_fake("vlssm::selective_scan_backward")(_fake_backward)
+    torch.library.register_autograd("vlssm::selective_scan", _backward, setup_context=_setup_context)

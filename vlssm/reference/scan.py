@@ -1,0 +1,144 @@
+"""Pure-PyTorch references for the scan ops: the ground truth.
+
+Each function literally does the naive thing (concatenate, flip, loop over
+time, materialise ``exp(delta * A)``) and works in any floating dtype,
+float64 included. Half-precision inputs are computed in float32 and the
+result is rounded back, like mamba_ssm's ``selective_scan_ref``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["selective_scan_ref", "fork_conv1d_ref", "fork_scan_ref"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    reverse: bool = False,
+    initial_state: Optional[torch.Tensor] = None,
+):
+    """Reference selective scan with mamba_ssm ``selective_scan_fn`` semantics.
+
+    Shapes: u, delta, z: (b, D, L); A: (D, N); B, C: (b, N, L); D, delta_bias: (D,);
+    initial_state: (b, D, N). Returns out (b, D, L) in u's dtype and, with
+    ``return_last_state``, the final state (b, D, N) in the compute dtype.
+
+    ``reverse=True`` scans from token L-1 down to token 0: literally
+    ``flip(scan(flip(inputs)))``.
+    """
+    if reverse:
+        fl = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+        res = selective_scan_ref(
+            fl(u), fl(delta), A, fl(B), fl(C), D, fl(z), delta_bias, delta_softplus,
+            return_last_state, initial_state=initial_state,
+        )
+        if return_last_state:
+            return res[0].flip(-1), res[1]
+        return res.flip(-1)
+
+    dtype_in = u.dtype
+    cd = _compute_dtype(dtype_in)
+    u = u.to(cd)
+    delta = delta.to(cd)
+    A = A.to(cd)
+    B = B.to(cd)
+    C = C.to(cd)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cd)[..., None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    x = u.new_zeros((batch, dim, N)) if initial_state is None else initial_state.to(cd)
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    ys = []
+    for i in range(L):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+    y = torch.stack(ys, dim=2) if ys else u.new_zeros((batch, dim, 0))
+    out = y if D is None else y + u * D.to(cd)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(cd))
+    out = out.to(dtype_in)
+    return (out, x) if return_last_state else out
+
+
+def fork_conv1d_ref(
+    x_prefix: torch.Tensor,
+    x_suffix: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference fork conv: depthwise causal conv1d + SiLU of [P, S] and [P, rev S].
+
+    Token-major shapes: x_prefix (b, p, E), x_suffix (b, s, E), weight (E, K),
+    bias (E,). Returns (b, p + 2s, E): the prefix segment, the suffix as seen in
+    [P, S], and the suffix as seen in [P, rev S] stored back in token order.
+    """
+    b, p, E = x_prefix.shape
+    s = x_suffix.shape[1]
+    K = weight.shape[1]
+
+    def conv(seq):  # (b, L, E) -> (b, L, E)
+        L = seq.shape[1]
+        y = F.conv1d(seq.transpose(1, 2), weight[:, None, :], bias, padding=K - 1, groups=E)
+        return F.silu(y[..., :L]).transpose(1, 2)
+
+    fwd = conv(torch.cat([x_prefix, x_suffix], dim=1))
+    rev = conv(torch.cat([x_prefix, x_suffix.flip(1)], dim=1))
+    return torch.cat([fwd[:, :p], fwd[:, p:], rev[:, p:].flip(1)], dim=1)
+
+
+def fork_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    prefix_len: int,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """Reference fork scan: two full selective scans of [P, S] and [P, rev S].
+
+    Token-major shapes: u, delta (b, p + 2s, E) holding the segments
+    [prefix | forward suffix | reversed suffix] in token order; B, C
+    (b, p + 2s, N); z (b, s, E); A (E, N); D, delta_bias (E,). Returns
+    (b, s, E) = (y_fwd + y_rev) * silu(z), y_* including the D skip term, with
+    y_rev flipped back to token order.
+    """
+    p = prefix_len
+    s = (u.shape[1] - p) // 2
+
+    def seqs(t):  # token-major (b, p+2s, X) -> channel-major [P,S] and [P, rev S]
+        P, Sf, Sr = t[:, :p], t[:, p:p + s], t[:, p + s:]
+        return (torch.cat([P, Sf], 1).transpose(1, 2), torch.cat([P, Sr.flip(1)], 1).transpose(1, 2))
+
+    (u1, u2), (d1, d2), (B1, B2), (C1, C2) = seqs(u), seqs(delta), seqs(B), seqs(C)
+    y1 = selective_scan_ref(u1, d1, A, B1, C1, D, None, delta_bias, delta_softplus)[..., p:]
+    y2 = selective_scan_ref(u2, d2, A, B2, C2, D, None, delta_bias, delta_softplus)[..., p:].flip(-1)
+    y = (y1 + y2).transpose(1, 2)
+    if z is not None:
+        cd = _compute_dtype(u.dtype)
+        y = (y.to(cd) * F.silu(z.to(cd))).to(u.dtype)
+    return y
