@@ -57,7 +57,7 @@ def extensions():
             os.environ["CUDA_HOME"] = home
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if want_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
@@ -76,7 +76,7 @@ def build_ext_cls():
 
 
 setup(
-    packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.kernels"],
+    packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.profile", "vlssm.kernels"],
     package_dir={"vlssm.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_cls()},

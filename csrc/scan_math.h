@@ -80,4 +80,58 @@ VLSSM_HD float fast_exp(float x) {
 // float64 is the ground-truth precision: use the libm exp.
 VLSSM_HD double fast_exp(double x) { return std::exp(x); }
 
+// log for finite w > 0 (normal), branch-free: w = 2^k m, m in [sqrt(1/2), sqrt(2)),
+// log m = 2 atanh(s), s = (m-1)/(m+1), |s| < 0.172, series to s^9 (error < 1e-9).
+VLSSM_HD float fast_log(float w) {
+  int32_t bits;
+  std::memcpy(&bits, &w, sizeof(bits));
+  int32_t k = ((bits >> 23) & 0xff) - 127;
+  const int32_t mbits = (bits & 0x7fffff) | 0x3f800000;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool big = m > 1.41421356237f;
+  m = big ? m * 0.5f : m;
+  k = big ? k + 1 : k;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float p = 2.0f / 9.0f;
+  p = p * s2 + 2.0f / 7.0f;
+  p = p * s2 + 2.0f / 5.0f;
+  p = p * s2 + 2.0f / 3.0f;
+  p = p * s2 + 2.0f;
+  return static_cast<float>(k) * 0.693147180559945f + s * p;
+}
+
+// Vectorizable softplus / sigmoid / silu: the float versions use fast_exp and
+// fast_log (log1p(e) = log(1+e) * e / ((1+e) - 1) keeps tiny e exact); the
+// double versions are the libm ground truth above.
+VLSSM_HD float vsoftplus(float x) {
+  const float e = fast_exp(x < 20.0f ? x : 20.0f);
+  const float w = 1.0f + e;
+  const float den = w - 1.0f;  // 0 only when e < 2^-24, where log1p(e) == e
+  const float lp = fast_log(w) * (e / (den == 0.0f ? 1.0f : den));
+  return x > 20.0f ? x : (den == 0.0f ? e : lp);
+}
+VLSSM_HD double vsoftplus(double x) { return softplus(x); }
+
+VLSSM_HD float vsigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+VLSSM_HD double vsigmoid(double x) { return sigmoid(x); }
+
+// d softplus / dx, matching the identity branch above 20.
+template <typename T>
+VLSSM_HD T vsoftplus_grad(T x) {
+  return x <= T(20) ? vsigmoid(x) : T(1);
+}
+
+template <typename T>
+VLSSM_HD T vsilu(T x) {
+  return x * vsigmoid(x);
+}
+
+template <typename T>
+VLSSM_HD T vsilu_grad(T x) {
+  const T s = vsigmoid(x);
+  return s * (T(1) + x * (T(1) - s));
+}
+
 }  // namespace vlssm

@@ -1,18 +1,21 @@
-// CPU kernels of vlssm::selective_scan and vlssm::fork_scan (forward and backward).
-//
 // Work split: one task per (batch, block of kChanBlock channels), run with
 // at::parallel_for (OpenMP). A task packs B and C of its batch into (L, N)
-// float buffers once, then scans its channels one by one with the state
-// dimension as the SIMD-friendly inner loop. No (b, D, L, N) temporaries: the
-// forward keeps the state every kChunk steps (checkpoints) and the backward
-// recomputes one chunk of states at a time from them, like mamba's kernel.
-// Reductions over channels (dB, dC) and over batch (dA, dD, d delta_bias) go
-// through per-task buffers summed in a fixed order: results are bitwise
-// deterministic for any thread count.
+// buffers once, then scans its channels kLanes at a time: the lanes of one
+// SIMD vector are kLanes channels, the state index is an outer loop over
+// vectors, so softplus, exp, the gate and every load of u / delta / z are
+// vector operations. No (b, D, L, N) temporaries: the forward keeps the state
+// every kChunk steps (checkpoints) and the backward recomputes one chunk of
+// states at a time from them, like mamba's kernel. Reductions over channels
+// (dB, dC) and over batch (dA, dD, d delta_bias) go through per-task buffers
+// summed in a fixed order: results are bitwise deterministic for any thread
+// count.
 //
 // All operands are read through element strides, so token-major (b, L, D)
 // views, channel-major (b, D, L) tensors, slices and batch-broadcast (stride 0)
 // inputs work without copies.
+//
+// The per-task functions are compiled for AVX-512, AVX2 and baseline x86-64
+// (VLSSM_CLONES) and the loader picks the best the CPU has.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,13 +27,15 @@
 
 #include "../scan_math.h"
 #include "../scan_shapes.h"
+#include "simd.h"
 
 namespace vlssm {
 namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = kCheckpointChunk;  // steps between saved states
-constexpr int64_t kChanBlock = 32;            // channels per task
+constexpr int64_t kChanBlock = 64;            // channels per task
+constexpr int64_t kLanes = 16;                // channels per SIMD group
 
 // Read-only (b, x, l) view through element strides.
 template <typename T>
@@ -66,6 +71,32 @@ struct ScanInputs {
   bool softplus = false;
 };
 
+// kLanes channels d0 .. d0+kLanes-1 of batch b; lanes at or past `dim` are
+// padding: they read the last channel and are never stored, and their
+// gradient inputs are zero so they add nothing to the reductions.
+template <typename Acc>
+struct Group {
+  int64_t b, d0, nvalid;
+  int64_t ch[kLanes];  // clamped channel of each lane
+  Acc* Ag;             // (N, kLanes) A transposed
+  Acc Dg[kLanes], bg[kLanes];
+};
+
+template <typename T, typename Acc>
+void make_group(const ScanInputs<T, Acc>& in, int64_t b, int64_t d0, Acc* Ag, Group<Acc>& g) {
+  g.b = b;
+  g.d0 = d0;
+  g.nvalid = std::min<int64_t>(kLanes, in.dim - d0);
+  g.Ag = Ag;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    const int64_t d = std::min(d0 + k, in.dim - 1);
+    g.ch[k] = d;
+    g.Dg[k] = in.Dskip ? in.Dskip[d] : Acc(0);
+    g.bg[k] = in.bias ? in.bias[d] : Acc(0);
+    for (int64_t n = 0; n < in.N; ++n) Ag[n * kLanes + k] = in.A[d * in.N + n];
+  }
+}
+
 template <typename T, typename Acc>
 void pack_bc(const ScanInputs<T, Acc>& in, int64_t b, Acc* Bp, Acc* Cp) {
   const int64_t N = in.N;
@@ -76,92 +107,112 @@ void pack_bc(const ScanInputs<T, Acc>& in, int64_t b, Acc* Bp, Acc* Cp) {
     }
 }
 
-template <typename Acc>
-inline Acc step_dt(Acc raw, bool sp) {
-  return sp ? softplus(raw) : raw;
-}
-
-// Forward over one segment: tokens l0 .. l0+len-1, visited from the last one
-// when `rev`. h (N) is the state in and out; ck receives the state before
-// every kChunk-th step; yout[i] (token order inside the segment, may be null)
-// receives C.h + D*u.
+// u and dt = softplus(delta + bias) of token l for the group's lanes.
 template <typename T, typename Acc>
-void segment_fwd(const ScanInputs<T, Acc>& in, int64_t b, int64_t d, int64_t l0, int64_t len, bool rev,
-                 const Acc* Bp, const Acc* Cp, Acc* h, Acc* ck, Acc* yout) {
-  const int64_t N = in.N;
-  const Acc* Ad = in.A + d * N;
-  const Acc bias = in.bias ? in.bias[d] : Acc(0);
-  const Acc Dd = in.Dskip ? in.Dskip[d] : Acc(0);
-  for (int64_t j = 0; j < len; ++j) {
-    const int64_t i = rev ? len - 1 - j : j;
-    const int64_t l = l0 + i;
-    if (j % kChunk == 0) std::copy(h, h + N, ck + (j / kChunk) * N);
-    const Acc dt = step_dt<Acc>(static_cast<Acc>(in.delta(b, d, l)) + bias, in.softplus);
-    const Acc uu = static_cast<Acc>(in.u(b, d, l));
-    const Acc dtu = dt * uu;
-    const Acc* Bl = Bp + l * N;
-    const Acc* Cl = Cp + l * N;
-    Acc y = 0;
-#pragma omp simd reduction(+ : y)
-    for (int64_t n = 0; n < N; ++n) {
-      const Acc hn = fast_exp(dt * Ad[n]) * h[n] + dtu * Bl[n];
-      h[n] = hn;
-      y += hn * Cl[n];
-    }
-    if (yout) yout[i] = y + Dd * uu;
+inline void load_step(const ScanInputs<T, Acc>& in, const Group<Acc>& g, int64_t l, Acc* uu, Acc* raw, Acc* dt) {
+  for (int64_t k = 0; k < kLanes; ++k) {
+    uu[k] = static_cast<Acc>(in.u(g.b, g.ch[k], l));
+    raw[k] = static_cast<Acc>(in.delta(g.b, g.ch[k], l)) + g.bg[k];
+  }
+  if (in.softplus) {
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes; ++k) dt[k] = vsoftplus(raw[k]);
+  } else {
+    for (int64_t k = 0; k < kLanes; ++k) dt[k] = raw[k];
   }
 }
 
-// Per-channel gradient sinks of a backward segment.
+// Forward over one segment: tokens l0 .. l0+len-1, visited from the last one
+// when `rev`. h (N, kLanes) is the state in and out; ck(c) receives the state
+// before step c * kChunk; yout (len, kLanes) in token order inside the segment,
+// may be null, receives C.h + D*u.
+template <typename T, typename Acc, typename CkStore>
+void segment_fwd(const ScanInputs<T, Acc>& in, const Group<Acc>& g, int64_t l0, int64_t len, bool rev,
+                 const Acc* Bp, const Acc* Cp, Acc* h, CkStore&& ck, Acc* yout) {
+  const int64_t N = in.N;
+  alignas(64) Acc uu[kLanes], raw[kLanes], dt[kLanes], dtu[kLanes], y[kLanes];
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t i = rev ? len - 1 - j : j;
+    const int64_t l = l0 + i;
+    if (j % kChunk == 0) ck(j / kChunk, h);
+    load_step(in, g, l, uu, raw, dt);
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes; ++k) {
+      dtu[k] = dt[k] * uu[k];
+      y[k] = g.Dg[k] * uu[k];
+    }
+    const Acc* Bl = Bp + l * N;
+    const Acc* Cl = Cp + l * N;
+    for (int64_t n = 0; n < N; ++n) {
+      const Acc bn = Bl[n], cn = Cl[n];
+      Acc* hn = h + n * kLanes;
+      const Acc* an = g.Ag + n * kLanes;
+#pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const Acc v = fast_exp(dt[k] * an[k]) * hn[k] + dtu[k] * bn;
+        hn[k] = v;
+        y[k] += v * cn;
+      }
+    }
+    if (yout) std::copy(y, y + kLanes, yout + i * kLanes);
+  }
+}
+
+// Per-group gradient sinks of a backward segment.
 template <typename Acc>
-struct ChannelGrads {
-  Acc* dBp;      // (L, N) packed partial, accumulated
-  Acc* dCp;      // (L, N) packed partial, accumulated
-  Acc* dA;       // (N) accumulated
-  Acc dD = 0, dbias = 0;
-  Acc* du;       // (L) token-indexed, written
-  Acc* ddelta;   // (L) token-indexed, written
+struct GroupGrads {
+  Acc* dBp;  // (L, N) packed partial, accumulated
+  Acc* dCp;  // (L, N) packed partial, accumulated
+  Acc* dA;   // (N, kLanes) accumulated
+  Acc* dD;   // (kLanes) accumulated
+  Acc* dbias;   // (kLanes) accumulated
+  Acc* du;      // (L, kLanes) token-indexed, written
+  Acc* ddelta;  // (L, kLanes) token-indexed, written
 };
 
 // Backward over one segment (the adjoint of segment_fwd).
-// g[i] (token order, may be null = 0): gradient w.r.t. C.h + D*u of token i.
-// lam (N): in, the gradient w.r.t. the state after the segment; out, w.r.t.
-// the state before it. ypre[i] (may be null) receives C.h + D*u, recomputed.
-// work: 2*kChunk*N + 2*kChunk values.
-template <typename T, typename Acc>
-void segment_bwd(const ScanInputs<T, Acc>& in, int64_t b, int64_t d, int64_t l0, int64_t len, bool rev,
-                 const Acc* Bp, const Acc* Cp, const Acc* ck, const Acc* g, Acc* lam, ChannelGrads<Acc>& gr,
+// gy (len, kLanes), token order, may be null (= 0): gradient w.r.t. C.h + D*u.
+// lam (N, kLanes): in, the gradient w.r.t. the state after the segment; out,
+// w.r.t. the state before it. ck(c) gives the state before step c * kChunk.
+// ypre (len, kLanes), may be null, receives C.h + D*u, recomputed.
+// work: 2 * kChunk * N * kLanes + 2 * kChunk * kLanes values.
+template <typename T, typename Acc, typename CkLoad>
+void segment_bwd(const ScanInputs<T, Acc>& in, const Group<Acc>& g, int64_t l0, int64_t len, bool rev,
+                 const Acc* Bp, const Acc* Cp, CkLoad&& ck, const Acc* gy, Acc* lam, const GroupGrads<Acc>& gr,
                  Acc* ypre, Acc* work) {
   const int64_t N = in.N;
-  const Acc* Ad = in.A + d * N;
-  const Acc bias = in.bias ? in.bias[d] : Acc(0);
-  const Acc Dd = in.Dskip ? in.Dskip[d] : Acc(0);
-  Acc* hs = work;              // (kChunk, N) states after each step
-  Acc* eA = hs + kChunk * N;   // (kChunk, N) exp(dt * A)
-  Acc* dts = eA + kChunk * N;  // (kChunk) dt
-  Acc* raws = dts + kChunk;    // (kChunk) delta + bias
+  const int64_t NL = N * kLanes;
+  Acc* hs = work;                    // (kChunk, N, kLanes) state after each step
+  Acc* eA = hs + kChunk * NL;        // (kChunk, N, kLanes) exp(dt * A)
+  Acc* dts = eA + kChunk * NL;       // (kChunk, kLanes) dt
+  Acc* raws = dts + kChunk * kLanes;  // (kChunk, kLanes) delta + bias
+  alignas(64) Acc uu[kLanes], dtu[kLanes], gj[kLanes], ddt[kLanes], dus[kLanes], y[kLanes];
   const int64_t nchunks = (len + kChunk - 1) / kChunk;
   for (int64_t c = nchunks - 1; c >= 0; --c) {
     const int64_t j0 = c * kChunk, j1 = std::min(len, j0 + kChunk);
-    const Acc* h0 = ck + c * N;
+    const Acc* h0 = ck(c);
     // Recompute the chunk's states from its checkpoint.
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t jj = j - j0;
       const int64_t l = l0 + (rev ? len - 1 - j : j);
-      const Acc raw = static_cast<Acc>(in.delta(b, d, l)) + bias;
-      const Acc dt = step_dt<Acc>(raw, in.softplus);
-      raws[jj] = raw;
-      dts[jj] = dt;
-      const Acc dtu = dt * static_cast<Acc>(in.u(b, d, l));
-      const Acc* hp = jj ? hs + (jj - 1) * N : h0;
-      const Acc* Bl = Bp + l * N;
-      Acc* hc = hs + jj * N;
-      Acc* ec = eA + jj * N;
+      Acc* dt = dts + jj * kLanes;
+      load_step(in, g, l, uu, raws + jj * kLanes, dt);
 #pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) dtu[k] = dt[k] * uu[k];
+      const Acc* hp = jj ? hs + (jj - 1) * NL : h0;
+      const Acc* Bl = Bp + l * N;
       for (int64_t n = 0; n < N; ++n) {
-        const Acc e = fast_exp(dt * Ad[n]);
-        ec[n] = e;
-        hc[n] = e * hp[n] + dtu * Bl[n];
+        const Acc bn = Bl[n];
+        const Acc* an = g.Ag + n * kLanes;
+        Acc* hc = hs + jj * NL + n * kLanes;
+        Acc* ec = eA + jj * NL + n * kLanes;
+        const Acc* hpn = hp + n * kLanes;
+#pragma omp simd
+        for (int64_t k = 0; k < kLanes; ++k) {
+          const Acc e = fast_exp(dt[k] * an[k]);
+          ec[k] = e;
+          hc[k] = e * hpn[k] + dtu[k] * bn;
+        }
       }
     }
     // Walk the chunk backwards.
@@ -169,35 +220,53 @@ void segment_bwd(const ScanInputs<T, Acc>& in, int64_t b, int64_t d, int64_t l0,
       const int64_t jj = j - j0;
       const int64_t i = rev ? len - 1 - j : j;
       const int64_t l = l0 + i;
-      const Acc uu = static_cast<Acc>(in.u(b, d, l));
-      const Acc dt = dts[jj];
-      const Acc gj = g ? g[i] : Acc(0);
-      const Acc* hc = hs + jj * N;
-      const Acc* hp = jj ? hs + (jj - 1) * N : h0;
-      const Acc* ec = eA + jj * N;
+      const Acc* dt = dts + jj * kLanes;
+      for (int64_t k = 0; k < kLanes; ++k) {
+        uu[k] = static_cast<Acc>(in.u(g.b, g.ch[k], l));
+        gj[k] = gy ? gy[i * kLanes + k] : Acc(0);
+        ddt[k] = 0;
+        dus[k] = 0;
+        y[k] = 0;
+      }
       const Acc* Bl = Bp + l * N;
       const Acc* Cl = Cp + l * N;
       Acc* dBl = gr.dBp + l * N;
       Acc* dCl = gr.dCp + l * N;
-      Acc ddt = 0, dus = 0, y = 0;
-#pragma omp simd reduction(+ : ddt, dus, y)
+      const Acc* hp = jj ? hs + (jj - 1) * NL : h0;
       for (int64_t n = 0; n < N; ++n) {
-        y += hc[n] * Cl[n];
-        dCl[n] += gj * hc[n];
-        const Acc ln = lam[n] + gj * Cl[n];  // d loss / d h_j
-        const Acc t = ln * hp[n] * ec[n];    // d loss / d (dt * A)
-        ddt += t * Ad[n] + ln * Bl[n] * uu;
-        gr.dA[n] += t * dt;
-        dBl[n] += ln * dt * uu;
-        dus += ln * Bl[n];
-        lam[n] = ln * ec[n];                 // d loss / d h_{j-1}
+        const Acc bn = Bl[n], cn = Cl[n];
+        const Acc* an = g.Ag + n * kLanes;
+        const Acc* hc = hs + jj * NL + n * kLanes;
+        const Acc* ec = eA + jj * NL + n * kLanes;
+        const Acc* hpn = hp + n * kLanes;
+        Acc* ln_ = lam + n * kLanes;
+        Acc* dAn = gr.dA + n * kLanes;
+        Acc sdb = 0, sdc = 0;
+#pragma omp simd reduction(+ : sdb, sdc)
+        for (int64_t k = 0; k < kLanes; ++k) {
+          y[k] += hc[k] * cn;
+          sdc += gj[k] * hc[k];
+          const Acc ln = ln_[k] + gj[k] * cn;  // d loss / d h_j
+          const Acc t = ln * hpn[k] * ec[k];   // d loss / d (dt * A)
+          ddt[k] += t * an[k] + ln * bn * uu[k];
+          dAn[k] += t * dt[k];
+          sdb += ln * dt[k] * uu[k];
+          dus[k] += ln * bn;
+          ln_[k] = ln * ec[k];                 // d loss / d h_{j-1}
+        }
+        dBl[n] += sdb;
+        dCl[n] += sdc;
       }
-      if (ypre) ypre[i] = y + Dd * uu;
-      gr.du[l] = dus * dt + gj * Dd;
-      gr.dD += gj * uu;
-      const Acc draw = in.softplus ? ddt * softplus_grad(raws[jj]) : ddt;
-      gr.ddelta[l] = draw;
-      gr.dbias += draw;
+      const Acc* raw = raws + jj * kLanes;
+#pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) {
+        if (ypre) ypre[i * kLanes + k] = y[k] + g.Dg[k] * uu[k];
+        gr.du[l * kLanes + k] = dus[k] * dt[k] + gj[k] * g.Dg[k];
+        gr.dD[k] += gj[k] * uu[k];
+        const Acc draw = in.softplus ? ddt[k] * vsoftplus_grad(raw[k]) : ddt[k];
+        gr.ddelta[l * kLanes + k] = draw;
+        gr.dbias[k] += draw;
+      }
     }
   }
 }
@@ -205,6 +274,8 @@ void segment_bwd(const ScanInputs<T, Acc>& in, int64_t b, int64_t d, int64_t l0,
 struct TaskRange {
   int64_t nblk, ntasks;
   TaskRange(int64_t batch, int64_t dim) : nblk((dim + kChanBlock - 1) / kChanBlock), ntasks(batch * nblk) {}
+  int64_t d_begin(int64_t task) const { return (task % nblk) * kChanBlock; }
+  int64_t d_end(int64_t task, int64_t dim) const { return std::min(dim, d_begin(task) + kChanBlock); }
 };
 
 at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
@@ -222,8 +293,18 @@ struct GradBuffers {
       : batch(batch_), dim(dim_), L(L_), N(N_), nblk(nblk_),
         dBp(batch_ * nblk_ * L_ * N_, Acc(0)), dCp(batch_ * nblk_ * L_ * N_, Acc(0)),
         dA(batch_ * dim_ * N_, Acc(0)), dD(batch_ * dim_, Acc(0)), dbias(batch_ * dim_, Acc(0)) {}
-  Acc* task_dB(int64_t b, int64_t blk) { return dBp.data() + (b * nblk + blk) * L * N; }
-  Acc* task_dC(int64_t b, int64_t blk) { return dCp.data() + (b * nblk + blk) * L * N; }
+  Acc* task_dB(int64_t task) { return dBp.data() + task * L * N; }
+  Acc* task_dC(int64_t task) { return dCp.data() + task * L * N; }
+
+  // Move a group's per-lane dA (N, kLanes), dD, dbias into the (b, d) buffers.
+  void store_group(const Group<Acc>& g, const Acc* dAg, const Acc* dDg, const Acc* dbg) {
+    for (int64_t k = 0; k < g.nvalid; ++k) {
+      const int64_t bd = g.b * dim + g.d0 + k;
+      for (int64_t n = 0; n < N; ++n) dA[bd * N + n] = dAg[n * kLanes + k];
+      dD[bd] = dDg[k];
+      dbias[bd] = dbg[k];
+    }
+  }
 
   // Sum the partials into dB, dC (views (b, n, l)) and dA (D, N), dD, dbias (D).
   template <typename T>
@@ -262,6 +343,278 @@ struct GradBuffers {
   }
 };
 
+// Checkpoint storage of one group: (b, D, nck, N) per channel, lane-transposed.
+template <typename Acc>
+struct GroupCheckpoints {
+  Acc* base;  // checkpoints tensor data
+  int64_t dim, nck, N, offset;  // offset: first checkpoint of the segment
+  const Group<Acc>* g;
+  Acc* tmp;   // (N, kLanes) scratch for loads
+  Acc* at(int64_t k, int64_t c) const { return base + ((g->b * dim + g->d0 + k) * nck + offset + c) * N; }
+  void operator()(int64_t c, const Acc* h) const {  // store
+    for (int64_t k = 0; k < g->nvalid; ++k)
+      for (int64_t n = 0; n < N; ++n) at(k, c)[n] = h[n * kLanes + k];
+  }
+  const Acc* operator()(int64_t c) const {  // load
+    for (int64_t k = 0; k < kLanes; ++k)
+      for (int64_t n = 0; n < N; ++n) tmp[n * kLanes + k] = k < g->nvalid ? at(k, c)[n] : Acc(0);
+    return tmp;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Per-task bodies, one per op and direction; VLSSM_CLONES compiles each for
+// AVX-512, AVX2 and baseline.
+
+template <typename T, typename Acc>
+struct SelectiveScanFwd {
+  const ScanInputs<T, Acc>& in;
+  bool reverse;
+  const Acc* h0;  // (b, D, N) or null
+  MutView<T> out;
+  Acc* last;      // (b, D, N)
+  Acc* ck;        // (b, D, nck, N)
+  int64_t nck;
+
+  void run(int64_t task, const TaskRange& tr) const {
+    const int64_t L = in.L, N = in.N, b = task / tr.nblk;
+    std::vector<Acc> Bp(L * N), Cp(L * N), y(L * kLanes), Ag(N * kLanes), h(N * kLanes), tmp(N * kLanes);
+    pack_bc(in, b, Bp.data(), Cp.data());
+    for (int64_t d0 = tr.d_begin(task); d0 < tr.d_end(task, in.dim); d0 += kLanes) {
+      Group<Acc> g;
+      make_group(in, b, d0, Ag.data(), g);
+      for (int64_t k = 0; k < kLanes; ++k)
+        for (int64_t n = 0; n < N; ++n)
+          h[n * kLanes + k] = (h0 && k < g.nvalid) ? h0[((b * in.dim) + d0 + k) * N + n] : Acc(0);
+      GroupCheckpoints<Acc> cks{ck, in.dim, nck, N, 0, &g, tmp.data()};
+      segment_fwd(in, g, 0, L, reverse, Bp.data(), Cp.data(), h.data(), cks, y.data());
+      for (int64_t k = 0; k < g.nvalid; ++k) {
+        for (int64_t n = 0; n < N; ++n) last[((b * in.dim) + d0 + k) * N + n] = h[n * kLanes + k];
+        for (int64_t l = 0; l < L; ++l) {
+          const Acc v = in.z ? y[l * kLanes + k] * vsilu(static_cast<Acc>(in.z(b, d0 + k, l))) : y[l * kLanes + k];
+          out(b, d0 + k, l) = static_cast<T>(v);
+        }
+      }
+    }
+  }
+};
+
+template <typename T, typename Acc>
+struct SelectiveScanBwd {
+  const ScanInputs<T, Acc>& in;
+  bool reverse;
+  View<T> dout;
+  const Acc* dlast;  // (b, D, N) or null
+  const Acc* ck;
+  int64_t nck;
+  GradBuffers<Acc>& gb;
+  MutView<T> du, ddelta, dz;
+  Acc* dh0;          // (b, D, N) or null
+
+  void run(int64_t task, const TaskRange& tr) const {
+    const int64_t L = in.L, N = in.N, b = task / tr.nblk;
+    std::vector<Acc> Bp(L * N), Cp(L * N), gy(L * kLanes), ypre(L * kLanes), dus(L * kLanes), dds(L * kLanes);
+    std::vector<Acc> Ag(N * kLanes), lam(N * kLanes), dA(N * kLanes), tmp(N * kLanes);
+    std::vector<Acc> work(2 * kChunk * N * kLanes + 2 * kChunk * kLanes);
+    alignas(64) Acc dD[kLanes], dbias[kLanes];
+    pack_bc(in, b, Bp.data(), Cp.data());
+    for (int64_t d0 = tr.d_begin(task); d0 < tr.d_end(task, in.dim); d0 += kLanes) {
+      Group<Acc> g;
+      make_group(in, b, d0, Ag.data(), g);
+      for (int64_t k = 0; k < kLanes; ++k) {
+        dD[k] = 0;
+        dbias[k] = 0;
+        for (int64_t l = 0; l < L; ++l) {
+          Acc v = 0;
+          if (k < g.nvalid) {
+            v = static_cast<Acc>(dout(b, d0 + k, l));
+            if (in.z) v *= vsilu(static_cast<Acc>(in.z(b, d0 + k, l)));
+          }
+          gy[l * kLanes + k] = v;
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          lam[n * kLanes + k] = (dlast && k < g.nvalid) ? dlast[((b * in.dim) + d0 + k) * N + n] : Acc(0);
+          dA[n * kLanes + k] = 0;
+        }
+      }
+      const GroupGrads<Acc> gr{gb.task_dB(task), gb.task_dC(task), dA.data(), dD, dbias, dus.data(), dds.data()};
+      GroupCheckpoints<Acc> cks{const_cast<Acc*>(ck), in.dim, nck, N, 0, &g, tmp.data()};
+      segment_bwd(in, g, 0, L, reverse, Bp.data(), Cp.data(), cks, gy.data(), lam.data(), gr,
+                  in.z ? ypre.data() : nullptr, work.data());
+      gb.store_group(g, dA.data(), dD, dbias);
+      for (int64_t k = 0; k < g.nvalid; ++k) {
+        const int64_t d = d0 + k;
+        if (dh0)
+          for (int64_t n = 0; n < N; ++n) dh0[((b * in.dim) + d) * N + n] = lam[n * kLanes + k];
+        for (int64_t l = 0; l < L; ++l) {
+          du(b, d, l) = static_cast<T>(dus[l * kLanes + k]);
+          ddelta(b, d, l) = static_cast<T>(dds[l * kLanes + k]);
+          if (in.z) {
+            const Acc zz = static_cast<Acc>(in.z(b, d, l));
+            dz(b, d, l) = static_cast<T>(static_cast<Acc>(dout(b, d, l)) * ypre[l * kLanes + k] * vsilu_grad(zz));
+          }
+        }
+      }
+    }
+  }
+};
+
+// Offsets of a channel's three checkpoint groups: prefix, forward, reversed.
+struct ForkLayout {
+  int64_t p, s, nck_p, nck_s, nck;
+  ForkLayout(int64_t p_, int64_t s_) : p(p_), s(s_), nck_p(num_checkpoints(p_)), nck_s(num_checkpoints(s_)),
+                                        nck(nck_p + 2 * nck_s) {}
+};
+
+template <typename T, typename Acc>
+struct ForkScanFwd {
+  const ScanInputs<T, Acc>& in;
+  ForkLayout fl;
+  MutView<T> out;
+  MutView<Acc> ysum;
+  Acc* ck;
+
+  void run(int64_t task, const TaskRange& tr) const {
+    const int64_t N = in.N, s = fl.s, p = fl.p, b = task / tr.nblk;
+    std::vector<Acc> Bp(in.L * N), Cp(in.L * N), yf(s * kLanes), yr(s * kLanes), Ag(N * kLanes), hP(N * kLanes),
+        h(N * kLanes), tmp(N * kLanes);
+    pack_bc(in, b, Bp.data(), Cp.data());
+    for (int64_t d0 = tr.d_begin(task); d0 < tr.d_end(task, in.dim); d0 += kLanes) {
+      Group<Acc> g;
+      make_group(in, b, d0, Ag.data(), g);
+      std::fill(hP.begin(), hP.end(), Acc(0));
+      segment_fwd(in, g, 0, p, false, Bp.data(), Cp.data(), hP.data(),
+                  GroupCheckpoints<Acc>{ck, in.dim, fl.nck, N, 0, &g, tmp.data()}, static_cast<Acc*>(nullptr));
+      std::copy(hP.begin(), hP.end(), h.begin());
+      segment_fwd(in, g, p, s, false, Bp.data(), Cp.data(), h.data(),
+                  GroupCheckpoints<Acc>{ck, in.dim, fl.nck, N, fl.nck_p, &g, tmp.data()}, yf.data());
+      std::copy(hP.begin(), hP.end(), h.begin());
+      segment_fwd(in, g, p + s, s, true, Bp.data(), Cp.data(), h.data(),
+                  GroupCheckpoints<Acc>{ck, in.dim, fl.nck, N, fl.nck_p + fl.nck_s, &g, tmp.data()}, yr.data());
+      for (int64_t k = 0; k < g.nvalid; ++k) {
+        for (int64_t i = 0; i < s; ++i) {
+          const Acc y = yf[i * kLanes + k] + yr[i * kLanes + k];
+          ysum(b, d0 + k, i) = y;
+          out(b, d0 + k, i) = static_cast<T>(in.z ? y * vsilu(static_cast<Acc>(in.z(b, d0 + k, i))) : y);
+        }
+      }
+    }
+  }
+};
+
+template <typename T, typename Acc>
+struct ForkScanBwd {
+  const ScanInputs<T, Acc>& in;
+  ForkLayout fl;
+  View<T> dout;
+  View<Acc> ysum;
+  const Acc* ck;
+  GradBuffers<Acc>& gb;
+  MutView<T> du, ddelta, dz;
+
+  void run(int64_t task, const TaskRange& tr) const {
+    const int64_t L = in.L, N = in.N, s = fl.s, p = fl.p, b = task / tr.nblk;
+    std::vector<Acc> Bp(L * N), Cp(L * N), gy(s * kLanes), dus(L * kLanes), dds(L * kLanes);
+    std::vector<Acc> Ag(N * kLanes), lam(N * kLanes), lam_r(N * kLanes), dA(N * kLanes), tmp(N * kLanes);
+    std::vector<Acc> work(2 * kChunk * N * kLanes + 2 * kChunk * kLanes);
+    alignas(64) Acc dD[kLanes], dbias[kLanes];
+    Acc* ckm = const_cast<Acc*>(ck);
+    pack_bc(in, b, Bp.data(), Cp.data());
+    for (int64_t d0 = tr.d_begin(task); d0 < tr.d_end(task, in.dim); d0 += kLanes) {
+      Group<Acc> g;
+      make_group(in, b, d0, Ag.data(), g);
+      for (int64_t k = 0; k < kLanes; ++k) {
+        dD[k] = 0;
+        dbias[k] = 0;
+        for (int64_t i = 0; i < s; ++i) {
+          Acc v = 0;
+          if (k < g.nvalid) {
+            const Acc dv = static_cast<Acc>(dout(b, d0 + k, i));
+            if (in.z) {
+              const Acc zz = static_cast<Acc>(in.z(b, d0 + k, i));
+              v = dv * vsilu(zz);
+              dz(b, d0 + k, i) = static_cast<T>(dv * ysum(b, d0 + k, i) * vsilu_grad(zz));
+            } else {
+              v = dv;
+            }
+          }
+          gy[i * kLanes + k] = v;
+        }
+      }
+      std::fill(dA.begin(), dA.end(), Acc(0));
+      const GroupGrads<Acc> gr{gb.task_dB(task), gb.task_dC(task), dA.data(), dD, dbias, dus.data(), dds.data()};
+      // Reversed suffix, then forward suffix, each from a zero adjoint; their
+      // start adjoints (both d loss / d h_P) add up at the end of the prefix.
+      std::fill(lam_r.begin(), lam_r.end(), Acc(0));
+      segment_bwd(in, g, p + s, s, true, Bp.data(), Cp.data(),
+                  GroupCheckpoints<Acc>{ckm, in.dim, fl.nck, N, fl.nck_p + fl.nck_s, &g, tmp.data()}, gy.data(),
+                  lam_r.data(), gr, static_cast<Acc*>(nullptr), work.data());
+      std::fill(lam.begin(), lam.end(), Acc(0));
+      segment_bwd(in, g, p, s, false, Bp.data(), Cp.data(),
+                  GroupCheckpoints<Acc>{ckm, in.dim, fl.nck, N, fl.nck_p, &g, tmp.data()}, gy.data(), lam.data(), gr,
+                  static_cast<Acc*>(nullptr), work.data());
+      for (int64_t q = 0; q < N * kLanes; ++q) lam[q] += lam_r[q];
+      segment_bwd(in, g, 0, p, false, Bp.data(), Cp.data(),
+                  GroupCheckpoints<Acc>{ckm, in.dim, fl.nck, N, 0, &g, tmp.data()}, static_cast<const Acc*>(nullptr),
+                  lam.data(), gr, static_cast<Acc*>(nullptr), work.data());
+      gb.store_group(g, dA.data(), dD, dbias);
+      for (int64_t k = 0; k < g.nvalid; ++k)
+        for (int64_t l = 0; l < L; ++l) {
+          du(b, d0 + k, l) = static_cast<T>(dus[l * kLanes + k]);
+          ddelta(b, d0 + k, l) = static_cast<T>(dds[l * kLanes + k]);
+        }
+    }
+  }
+};
+
+// One multiversioned entry point per (body, dtype).
+#define VLSSM_TASK_ENTRY(Body, T, Acc)                                                       \
+  VLSSM_CLONES void run_task(const Body<T, Acc>& body, int64_t task, const TaskRange& tr) { \
+    body.run(task, tr);                                                                      \
+  }
+#define VLSSM_TASK_ENTRIES(Body)              \
+  VLSSM_TASK_ENTRY(Body, float, float)        \
+  VLSSM_TASK_ENTRY(Body, double, double)      \
+  VLSSM_TASK_ENTRY(Body, at::BFloat16, float) \
+  VLSSM_TASK_ENTRY(Body, at::Half, float)
+VLSSM_TASK_ENTRIES(SelectiveScanFwd)
+VLSSM_TASK_ENTRIES(SelectiveScanBwd)
+VLSSM_TASK_ENTRIES(ForkScanFwd)
+VLSSM_TASK_ENTRIES(ForkScanBwd)
+#undef VLSSM_TASK_ENTRIES
+#undef VLSSM_TASK_ENTRY
+
+template <typename Body>
+void run_tasks(const Body& body, const TaskRange& tr) {
+  at::parallel_for(0, tr.ntasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) run_task(body, task, tr);
+  });
+}
+
+template <typename T, typename Acc>
+ScanInputs<T, Acc> scan_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                               const at::Tensor& B, const at::Tensor& C, const at::Tensor& Dc,
+                               const c10::optional<at::Tensor>& z, const at::Tensor& bc, const ScanShape& sh,
+                               bool softplus, bool token_major) {
+  // (b, channel, token) and (b, state, token) dims of the operands.
+  const int x = token_major ? 2 : 1, l = token_major ? 1 : 2;
+  ScanInputs<T, Acc> in;
+  in.u = View<T>(u, 0, x, l);
+  in.delta = View<T>(delta, 0, x, l);
+  in.B = View<T>(B, 0, x, l);
+  in.C = View<T>(C, 0, x, l);
+  if (z.has_value()) in.z = View<T>(*z, 0, x, l);
+  in.A = A.data_ptr<Acc>();
+  in.Dskip = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
+  in.bias = bc.defined() ? bc.data_ptr<Acc>() : nullptr;
+  in.batch = sh.batch;
+  in.dim = sh.dim;
+  in.L = sh.L;
+  in.N = sh.N;
+  in.softplus = softplus;
+  return in;
+}
+
 // ---------------------------------------------------------------------------
 // selective_scan: (b, D, L) operands, mamba_ssm semantics plus reverse and
 // initial_state. Returns (out, last_state, checkpoints).
@@ -277,46 +630,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
   at::Tensor last = at::empty({sh.batch, sh.dim, sh.N}, acc_opts);
   const int64_t nck = num_checkpoints(sh.L);
   at::Tensor ck = at::empty({sh.batch, sh.dim, nck, sh.N}, acc_opts);
-  const at::Tensor Ac = A.contiguous();
-  const at::Tensor Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
   const at::Tensor h0c = opt_or_empty(initial_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    ScanInputs<T, Acc> in;
-    in.u = View<T>(u, 0, 1, 2);
-    in.delta = View<T>(delta, 0, 1, 2);
-    in.B = View<T>(B, 0, 1, 2);
-    in.C = View<T>(C, 0, 1, 2);
-    if (z.has_value()) in.z = View<T>(*z, 0, 1, 2);
-    in.A = Ac.data_ptr<Acc>();
-    in.Dskip = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
-    in.bias = bc.defined() ? bc.data_ptr<Acc>() : nullptr;
-    in.batch = sh.batch; in.dim = sh.dim; in.L = sh.L; in.N = sh.N;
-    in.softplus = delta_softplus;
-    const Acc* h0p = h0c.defined() ? h0c.data_ptr<Acc>() : nullptr;
-    MutView<T> outv(out, 0, 1, 2);
-    Acc* lastp = last.data_ptr<Acc>();
-    Acc* ckp = ck.data_ptr<Acc>();
-    const TaskRange tr(sh.batch, sh.dim);
-    at::parallel_for(0, tr.ntasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> Bp(sh.L * sh.N), Cp(sh.L * sh.N), y(sh.L);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tr.nblk, blk = task % tr.nblk;
-        pack_bc(in, b, Bp.data(), Cp.data());
-        for (int64_t d = blk * kChanBlock; d < std::min(sh.dim, (blk + 1) * kChanBlock); ++d) {
-          Acc* h = lastp + (b * sh.dim + d) * sh.N;
-          if (h0p) std::copy(h0p + (b * sh.dim + d) * sh.N, h0p + (b * sh.dim + d + 1) * sh.N, h);
-          else std::fill(h, h + sh.N, Acc(0));
-          segment_fwd(in, b, d, 0, sh.L, reverse, Bp.data(), Cp.data(), h, ckp + (b * sh.dim + d) * nck * sh.N,
-                      y.data());
-          for (int64_t l = 0; l < sh.L; ++l) {
-            const Acc v = in.z ? y[l] * silu(static_cast<Acc>(in.z(b, d, l))) : y[l];
-            outv(b, d, l) = static_cast<T>(v);
-          }
-        }
-      }
-    });
+    const auto in = scan_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, false);
+    const SelectiveScanFwd<T, Acc> body{in, reverse, h0c.defined() ? h0c.data_ptr<Acc>() : nullptr,
+                                        MutView<T>(out, 0, 1, 2), last.data_ptr<Acc>(), ck.data_ptr<Acc>(), nck};
+    run_tasks(body, TaskRange(sh.batch, sh.dim));
   });
   return {out, last, ck};
 }
@@ -330,10 +652,10 @@ std::vector<at::Tensor> selective_scan_backward_cpu(
   const ScanShape sh = check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state);
   check_same("dout", dout, u);
   const int64_t nck = num_checkpoints(sh.L);
-  check_checkpoints(checkpoints, {sh.batch, sh.dim, nck, sh.N}, acc_dtype(u.scalar_type()));
-  if (dlast_state.has_value())
-    check_tensor("dlast_state", *dlast_state, {sh.batch, sh.dim, sh.N}, acc_dtype(u.scalar_type()));
-  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+  const auto acc_type = acc_dtype(u.scalar_type());
+  check_checkpoints(checkpoints, {sh.batch, sh.dim, nck, sh.N}, acc_type);
+  if (dlast_state.has_value()) check_tensor("dlast_state", *dlast_state, {sh.batch, sh.dim, sh.N}, acc_type);
+  const auto acc_opts = u.options().dtype(acc_type);
   at::Tensor du = at::empty({sh.batch, sh.dim, sh.L}, u.options());
   at::Tensor ddelta = at::empty({sh.batch, sh.dim, sh.L}, u.options());
   at::Tensor dB = at::empty({sh.batch, sh.N, sh.L}, u.options());
@@ -343,64 +665,20 @@ std::vector<at::Tensor> selective_scan_backward_cpu(
   at::Tensor dbias_full = at::empty({sh.dim}, acc_opts);
   at::Tensor dz = z.has_value() ? at::empty({sh.batch, sh.dim, sh.L}, u.options()) : at::empty({0}, u.options());
   at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
-  const at::Tensor Ac = A.contiguous();
-  const at::Tensor Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
-  const at::Tensor ckc = checkpoints.contiguous();
-  const at::Tensor dlc = opt_or_empty(dlast_state);
+  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const at::Tensor ckc = checkpoints.contiguous(), dlc = opt_or_empty(dlast_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    ScanInputs<T, Acc> in;
-    in.u = View<T>(u, 0, 1, 2);
-    in.delta = View<T>(delta, 0, 1, 2);
-    in.B = View<T>(B, 0, 1, 2);
-    in.C = View<T>(C, 0, 1, 2);
-    if (z.has_value()) in.z = View<T>(*z, 0, 1, 2);
-    in.A = Ac.data_ptr<Acc>();
-    in.Dskip = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
-    in.bias = bc.defined() ? bc.data_ptr<Acc>() : nullptr;
-    in.batch = sh.batch; in.dim = sh.dim; in.L = sh.L; in.N = sh.N;
-    in.softplus = delta_softplus;
-    const View<T> doutv(dout, 0, 1, 2);
-    MutView<T> duv(du, 0, 1, 2), ddv(ddelta, 0, 1, 2), dzv;
-    if (z.has_value()) dzv = MutView<T>(dz, 0, 1, 2);
-    const Acc* ckp = ckc.data_ptr<Acc>();
-    const Acc* dlp = dlc.defined() ? dlc.data_ptr<Acc>() : nullptr;
-    Acc* dh0p = initial_state.has_value() ? dh0.data_ptr<Acc>() : nullptr;
+    const auto in = scan_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, false);
     const TaskRange tr(sh.batch, sh.dim);
     GradBuffers<Acc> gb(sh.batch, sh.dim, sh.L, sh.N, tr.nblk);
-    at::parallel_for(0, tr.ntasks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t L = sh.L, N = sh.N;
-      std::vector<Acc> Bp(L * N), Cp(L * N), g(L), ypre(L), dus(L), dds(L), lam(N);
-      std::vector<Acc> work(2 * kChunk * N + 2 * kChunk);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tr.nblk, blk = task % tr.nblk;
-        pack_bc(in, b, Bp.data(), Cp.data());
-        for (int64_t d = blk * kChanBlock; d < std::min(sh.dim, (blk + 1) * kChanBlock); ++d) {
-          for (int64_t l = 0; l < L; ++l) {
-            const Acc dv = static_cast<Acc>(doutv(b, d, l));
-            g[l] = in.z ? dv * silu(static_cast<Acc>(in.z(b, d, l))) : dv;
-          }
-          if (dlp) std::copy(dlp + (b * sh.dim + d) * N, dlp + (b * sh.dim + d + 1) * N, lam.begin());
-          else std::fill(lam.begin(), lam.end(), Acc(0));
-          ChannelGrads<Acc> gr{gb.task_dB(b, blk), gb.task_dC(b, blk), gb.dA.data() + (b * sh.dim + d) * N,
-                               0, 0, dus.data(), dds.data()};
-          segment_bwd(in, b, d, 0, L, reverse, Bp.data(), Cp.data(), ckp + (b * sh.dim + d) * nck * N, g.data(),
-                      lam.data(), gr, in.z ? ypre.data() : nullptr, work.data());
-          gb.dD[b * sh.dim + d] = gr.dD;
-          gb.dbias[b * sh.dim + d] = gr.dbias;
-          if (dh0p) std::copy(lam.begin(), lam.end(), dh0p + (b * sh.dim + d) * N);
-          for (int64_t l = 0; l < L; ++l) {
-            duv(b, d, l) = static_cast<T>(dus[l]);
-            ddv(b, d, l) = static_cast<T>(dds[l]);
-            if (in.z) {
-              const Acc zz = static_cast<Acc>(in.z(b, d, l));
-              dzv(b, d, l) = static_cast<T>(static_cast<Acc>(doutv(b, d, l)) * ypre[l] * silu_grad(zz));
-            }
-          }
-        }
-      }
-    });
+    const SelectiveScanBwd<T, Acc> body{in, reverse, View<T>(dout, 0, 1, 2),
+                                        dlc.defined() ? dlc.data_ptr<Acc>() : nullptr, ckc.data_ptr<Acc>(), nck, gb,
+                                        MutView<T>(du, 0, 1, 2), MutView<T>(ddelta, 0, 1, 2),
+                                        z.has_value() ? MutView<T>(dz, 0, 1, 2) : MutView<T>(),
+                                        initial_state.has_value() ? dh0.data_ptr<Acc>() : nullptr};
+    run_tasks(body, tr);
     gb.reduce(MutView<T>(dB, 0, 1, 2), MutView<T>(dC, 0, 1, 2), dA, dD_full, dbias_full);
   });
   at::Tensor dD = D.has_value() ? dD_full : at::empty({0}, acc_opts);
@@ -413,32 +691,7 @@ std::vector<at::Tensor> selective_scan_backward_cpu(
 // [prefix | forward suffix | reversed suffix]; B, C (b, p + 2s, N); z (b, s, E).
 // The prefix is scanned once; its final state starts both suffix scans; the
 // reversed segment is walked from its last token. Returns
-// (out (b, s, E), y (b, s, E) = pre-gate sum in the accumulation dtype, checkpoints).
-
-template <typename T, typename Acc>
-ScanInputs<T, Acc> fork_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                               const at::Tensor& C, const at::Tensor& Dc, const c10::optional<at::Tensor>& z,
-                               const at::Tensor& bc, const ScanShape& sh, bool softplus) {
-  ScanInputs<T, Acc> in;
-  in.u = View<T>(u, 0, 2, 1);
-  in.delta = View<T>(delta, 0, 2, 1);
-  in.B = View<T>(B, 0, 2, 1);
-  in.C = View<T>(C, 0, 2, 1);
-  if (z.has_value()) in.z = View<T>(*z, 0, 2, 1);
-  in.A = A.data_ptr<Acc>();
-  in.Dskip = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
-  in.bias = bc.defined() ? bc.data_ptr<Acc>() : nullptr;
-  in.batch = sh.batch; in.dim = sh.dim; in.L = sh.L; in.N = sh.N;
-  in.softplus = softplus;
-  return in;
-}
-
-// Offsets of a channel's three checkpoint groups: prefix, forward, reversed.
-struct ForkLayout {
-  int64_t p, s, nck_p, nck_s, nck;
-  ForkLayout(int64_t p_, int64_t s_) : p(p_), s(s_), nck_p(num_checkpoints(p_)), nck_s(num_checkpoints(s_)),
-                                        nck(nck_p + 2 * nck_s) {}
-};
+// (out (b, s, E), ysum (b, s, E) = pre-gate sum in the accumulation dtype, checkpoints).
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cpu(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
@@ -450,39 +703,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cpu(
   at::Tensor out = at::empty({sh.batch, fl.s, sh.dim}, u.options());
   at::Tensor ysum = at::empty({sh.batch, fl.s, sh.dim}, acc_opts);
   at::Tensor ck = at::empty({sh.batch, sh.dim, fl.nck, sh.N}, acc_opts);
-  const at::Tensor Ac = A.contiguous();
-  const at::Tensor Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = fork_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus);
-    MutView<T> outv(out, 0, 2, 1);
-    MutView<Acc> ysv(ysum, 0, 2, 1);
-    Acc* ckp = ck.data_ptr<Acc>();
-    const TaskRange tr(sh.batch, sh.dim);
-    at::parallel_for(0, tr.ntasks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t N = sh.N, s = fl.s, p = fl.p;
-      std::vector<Acc> Bp(sh.L * N), Cp(sh.L * N), yf(s), yr(s), hP(N), h(N);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tr.nblk, blk = task % tr.nblk;
-        pack_bc(in, b, Bp.data(), Cp.data());
-        for (int64_t d = blk * kChanBlock; d < std::min(sh.dim, (blk + 1) * kChanBlock); ++d) {
-          Acc* ckd = ckp + (b * sh.dim + d) * fl.nck * N;
-          std::fill(hP.begin(), hP.end(), Acc(0));
-          segment_fwd(in, b, d, 0, p, false, Bp.data(), Cp.data(), hP.data(), ckd, static_cast<Acc*>(nullptr));
-          std::copy(hP.begin(), hP.end(), h.begin());
-          segment_fwd(in, b, d, p, s, false, Bp.data(), Cp.data(), h.data(), ckd + fl.nck_p * N, yf.data());
-          std::copy(hP.begin(), hP.end(), h.begin());
-          segment_fwd(in, b, d, p + s, s, true, Bp.data(), Cp.data(), h.data(), ckd + (fl.nck_p + fl.nck_s) * N,
-                      yr.data());
-          for (int64_t i = 0; i < s; ++i) {
-            const Acc y = yf[i] + yr[i];
-            ysv(b, d, i) = y;
-            outv(b, d, i) = static_cast<T>(in.z ? y * silu(static_cast<Acc>(in.z(b, d, i))) : y);
-          }
-        }
-      }
-    });
+    const auto in = scan_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
+    const ForkScanFwd<T, Acc> body{in, fl, MutView<T>(out, 0, 2, 1), MutView<Acc>(ysum, 0, 2, 1), ck.data_ptr<Acc>()};
+    run_tasks(body, TaskRange(sh.batch, sh.dim));
   });
   return {out, ysum, ck};
 }
@@ -507,61 +734,18 @@ std::vector<at::Tensor> fork_scan_backward_cpu(
   at::Tensor dD_full = at::empty({sh.dim}, acc_opts);
   at::Tensor dbias_full = at::empty({sh.dim}, acc_opts);
   at::Tensor dz = z.has_value() ? at::empty({sh.batch, fl.s, sh.dim}, u.options()) : at::empty({0}, u.options());
-  const at::Tensor Ac = A.contiguous();
-  const at::Tensor Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
   const at::Tensor ckc = checkpoints.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = fork_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus);
-    const View<T> doutv(dout, 0, 2, 1);
-    const View<Acc> ysv(ysum, 0, 2, 1);
-    MutView<T> duv(du, 0, 2, 1), ddv(ddelta, 0, 2, 1), dzv;
-    if (z.has_value()) dzv = MutView<T>(dz, 0, 2, 1);
-    const Acc* ckp = ckc.data_ptr<Acc>();
+    const auto in = scan_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
     const TaskRange tr(sh.batch, sh.dim);
     GradBuffers<Acc> gb(sh.batch, sh.dim, sh.L, sh.N, tr.nblk);
-    at::parallel_for(0, tr.ntasks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t L = sh.L, N = sh.N, s = fl.s, p = fl.p;
-      std::vector<Acc> Bp(L * N), Cp(L * N), g(s), dus(L), dds(L), lam(N), lam_r(N);
-      std::vector<Acc> work(2 * kChunk * N + 2 * kChunk);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tr.nblk, blk = task % tr.nblk;
-        pack_bc(in, b, Bp.data(), Cp.data());
-        for (int64_t d = blk * kChanBlock; d < std::min(sh.dim, (blk + 1) * kChanBlock); ++d) {
-          const Acc* ckd = ckp + (b * sh.dim + d) * fl.nck * N;
-          for (int64_t i = 0; i < s; ++i) {
-            const Acc dv = static_cast<Acc>(doutv(b, d, i));
-            if (in.z) {
-              const Acc zz = static_cast<Acc>(in.z(b, d, i));
-              g[i] = dv * silu(zz);
-              dzv(b, d, i) = static_cast<T>(dv * ysv(b, d, i) * silu_grad(zz));
-            } else {
-              g[i] = dv;
-            }
-          }
-          ChannelGrads<Acc> gr{gb.task_dB(b, blk), gb.task_dC(b, blk), gb.dA.data() + (b * sh.dim + d) * N,
-                               0, 0, dus.data(), dds.data()};
-          // Reversed suffix, then forward suffix, each from a zero adjoint; their
-          // start adjoints (both d loss / d h_P) add up at the end of the prefix.
-          std::fill(lam_r.begin(), lam_r.end(), Acc(0));
-          segment_bwd(in, b, d, p + s, s, true, Bp.data(), Cp.data(), ckd + (fl.nck_p + fl.nck_s) * N, g.data(),
-                      lam_r.data(), gr, static_cast<Acc*>(nullptr), work.data());
-          std::fill(lam.begin(), lam.end(), Acc(0));
-          segment_bwd(in, b, d, p, s, false, Bp.data(), Cp.data(), ckd + fl.nck_p * N, g.data(), lam.data(), gr,
-                      static_cast<Acc*>(nullptr), work.data());
-          for (int64_t n = 0; n < N; ++n) lam[n] += lam_r[n];
-          segment_bwd(in, b, d, 0, p, false, Bp.data(), Cp.data(), ckd, static_cast<const Acc*>(nullptr),
-                      lam.data(), gr, static_cast<Acc*>(nullptr), work.data());
-          gb.dD[b * sh.dim + d] = gr.dD;
-          gb.dbias[b * sh.dim + d] = gr.dbias;
-          for (int64_t l = 0; l < L; ++l) {
-            duv(b, d, l) = static_cast<T>(dus[l]);
-            ddv(b, d, l) = static_cast<T>(dds[l]);
-          }
-        }
-      }
-    });
+    const ForkScanBwd<T, Acc> body{in, fl, View<T>(dout, 0, 2, 1), View<Acc>(ysum, 0, 2, 1), ckc.data_ptr<Acc>(),
+                                   gb, MutView<T>(du, 0, 2, 1), MutView<T>(ddelta, 0, 2, 1),
+                                   z.has_value() ? MutView<T>(dz, 0, 2, 1) : MutView<T>()};
+    run_tasks(body, tr);
     gb.reduce(MutView<T>(dB, 0, 2, 1), MutView<T>(dC, 0, 2, 1), dA, dD_full, dbias_full);
   });
   at::Tensor dD = D.has_value() ? dD_full : at::empty({0}, acc_opts);
