@@ -1,1 +1,34 @@
+"""vlssm: fused selective-scan (QMVL quadruplet Mamba) kernels for vision-language
+multi-label recognition.
 
+``import vlssm`` is cheap: it never probes the GPU or loads/compiles the
+extension. The modules (:class:`MambaBlock`, :class:`QMVL`, :class:`Mamba`) are
+imported on first attribute access.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Mamba": "vlssm.modules",
+    "MambaBlock": "vlssm.modules",
+    "QMVL": "vlssm.modules",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vlssm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

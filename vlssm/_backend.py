@@ -10,7 +10,6 @@ first use.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -19,30 +18,39 @@ import torch
 BACKENDS = ("auto", "cpu", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+_state: dict = {"tried": False, "module": None, "error": None}
+
+
 def load_extension():
-    """Import ``vlssm._C`` (registers the ``torch.ops.vlssm`` kernels).
+    """Import ``vlssm._C`` once (it registers the ``torch.ops.vlssm`` kernels) and the
+    fake / autograd registrations that go with it.
 
-    Returns the module, or None with the import error kept in
-    :func:`extension_error`.
+    Returns the module, or None with the import error kept in :func:`extension_error`.
+    Loading a shared library never probes the GPU or compiles anything.
     """
-    try:
-        from . import _C  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the build
-        _errors.append(f"{type(e).__name__}: {e}")
-        return None
-    from .ops import _register
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            from . import _C
+        except ImportError as e:  # depends on the build
+            _state["error"] = f"{type(e).__name__}: {e}"
+        else:
+            from .ops import _register
 
-    _register()
-    return _C
-
-
-_errors: list = []
+            _register()
+            _state["module"] = _C
+    return _state["module"]
 
 
 def extension_error() -> Optional[str]:
     load_extension()
-    return _errors[0] if _errors else None
+    return _state["error"]
+
+
+@torch.compiler.assume_constant_result
+def extension_available() -> bool:
+    """Whether the compiled kernels are loaded (a constant to torch.compile)."""
+    return load_extension() is not None
 
 
 def default_backend() -> str:
@@ -64,13 +72,13 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs the C++ CPU kernels; the tensors are on {device}")
-        if load_extension() is None:
+        if not extension_available():
             raise RuntimeError(
                 "backend='cpu' needs the compiled extension vlssm._C, which failed to import: "
                 f"{extension_error()}. Rebuild with `pip install --no-build-isolation .`"
             )
         return "cpu"
     # auto
-    if device.type == "cpu" and load_extension() is not None:
+    if device.type == "cpu" and extension_available():
         return "cpu"
     return "reference"

@@ -21,3 +21,11 @@ def _register() -> None:
 
     scan.register()
     fork.register()
+
+
+# Register the compiled kernels with their fake / autograd implementations now,
+# outside any torch.compile trace. Without the extension the ops still work on
+# the reference backend, and `vlssm env` says why.
+from .._backend import load_extension as _load_extension  # noqa: E402
+
+_load_extension()

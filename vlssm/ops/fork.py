@@ -37,8 +37,11 @@ def fork_conv1d(
 
     Args:
         x_prefix: (b, p, E) prefix tokens P (p may be 0).
-        x_suffix: (b, s, E) suffix tokens S, s >= 1. A batch-broadcast view
-            (``t.expand(b, s, E)``, stride 0) is read without a copy.
+        x_suffix: (b, s, E) suffix tokens S, s >= 1.
+            Both may be views with any batch and token strides: a slice of a
+            wider tensor (``in_proj`` output) or a batch-broadcast view
+            (``t.expand(b, n, E)``, stride 0) is read without a copy; a
+            channel stride other than 1 costs one copy.
         weight: (E, K) depthwise kernel (``conv1d.weight[:, 0, :]``); tap K-1
             multiplies the current token. Same dtype as the inputs.
         bias: (E,) or None.
@@ -93,7 +96,8 @@ def fork_scan(
 
     Args:
         u, delta: (b, p + 2s, E); any strides (slices of a wider tensor work).
-        A: (E, N). B, C: (b, p + 2s, N), u's dtype (C of the prefix is unused).
+        A: (E, N). B, C: (b, p + 2s, N), u's dtype (C of the prefix is unused);
+            any strides, e.g. column slices of the ``x_proj`` output.
         D, delta_bias: (E,) or None. z: (b, s, E) or None (no gate); a
             batch-broadcast view is read without a copy.
         prefix_len: p >= 0; ``u.shape[1] - p`` must be even and positive.
