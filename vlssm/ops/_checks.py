@@ -62,3 +62,15 @@ def flag(name: str, v) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
     return v
+
+
+def same_device(ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """Fake-kernel guard: every given tensor (None skipped) is on ``ref``'s device.
+
+    A raw op called with one argument on the meta device dispatches to the fake
+    kernel, which must then fail like the real one instead of returning
+    uninitialised memory.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")

@@ -140,11 +140,13 @@ def fork_scan(
 # Registration (run once vlssm._C has defined the schemas).
 
 def _conv_fake(x_prefix, x_suffix, weight, bias):
+    _checks.same_device("x_prefix", x_prefix, x_suffix=x_suffix, weight=weight, bias=bias)
     b, p, E = x_prefix.shape
     return x_prefix.new_empty((b, p + 2 * x_suffix.shape[1], E))
 
 
 def _conv_fake_backward(dy, x_prefix, x_suffix, weight, bias):
+    _checks.same_device("x_prefix", x_prefix, dy=dy, x_suffix=x_suffix, weight=weight, bias=bias)
     b, p, E = x_prefix.shape
     return [
         x_prefix.new_empty((b, p, E)),
@@ -165,6 +167,7 @@ def _conv_backward(ctx, dy):
 
 
 def _scan_fake(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus):
+    _checks.same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     b, L, E = u.shape
     N = A.shape[1]
     s = (L - prefix_len) // 2
@@ -174,20 +177,25 @@ def _scan_fake(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus):
 
 
 def _scan_fake_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, prefix_len, delta_softplus):
+    _checks.same_device("u", u, dout=dout, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                        ysum=ysum, checkpoints=checkpoints)
     b, L, E = u.shape
     N = A.shape[1]
     s = (L - prefix_len) // 2
     acc = _checks.acc_dtype(u.dtype)
-    empty = u.new_empty((0,), dtype=acc)
+
+    def empty():  # the gradient of an absent optional input: a distinct empty tensor each
+        return u.new_empty((0,), dtype=acc)
+
     return [
         u.new_empty((b, L, E)),
         u.new_empty((b, L, E)),
         u.new_empty((E, N), dtype=acc),
         u.new_empty((b, L, N)),
         u.new_empty((b, L, N)),
-        u.new_empty((E,), dtype=acc) if D is not None else empty,
+        u.new_empty((E,), dtype=acc) if D is not None else empty(),
         u.new_empty((b, s, E)) if z is not None else u.new_empty((0,)),
-        u.new_empty((E,), dtype=acc) if delta_bias is not None else empty,
+        u.new_empty((E,), dtype=acc) if delta_bias is not None else empty(),
     ]
 
 

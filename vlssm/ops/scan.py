@@ -99,6 +99,8 @@ def selective_scan(
 # Registration (run once vlssm._C has defined the schemas).
 
 def _fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse):
+    _checks.same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                        initial_state=initial_state)
     b, dim, L = u.shape
     N = A.shape[1]
     acc = _checks.acc_dtype(u.dtype)
@@ -111,20 +113,25 @@ def _fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, re
 
 def _fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
                    delta_softplus, reverse):
+    _checks.same_device("u", u, dout=dout, dlast_state=dlast_state, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                        delta_bias=delta_bias, initial_state=initial_state, checkpoints=checkpoints)
     b, dim, L = u.shape
     N = A.shape[1]
     acc = _checks.acc_dtype(u.dtype)
-    empty = u.new_empty((0,), dtype=acc)
+
+    def empty():  # the gradient of an absent optional input: a distinct empty tensor each
+        return u.new_empty((0,), dtype=acc)
+
     return [
         u.new_empty((b, dim, L)),
         u.new_empty((b, dim, L)),
         u.new_empty((dim, N), dtype=acc),
         u.new_empty((b, N, L)),
         u.new_empty((b, N, L)),
-        u.new_empty((dim,), dtype=acc) if D is not None else empty,
+        u.new_empty((dim,), dtype=acc) if D is not None else empty(),
         u.new_empty((b, dim, L)) if z is not None else u.new_empty((0,)),
-        u.new_empty((dim,), dtype=acc) if delta_bias is not None else empty,
-        u.new_empty((b, dim, N), dtype=acc) if initial_state is not None else empty,
+        u.new_empty((dim,), dtype=acc) if delta_bias is not None else empty(),
+        u.new_empty((b, dim, N), dtype=acc) if initial_state is not None else empty(),
     ]
 
 

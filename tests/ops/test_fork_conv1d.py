@@ -1,0 +1,446 @@
+"""Tests of vlssm.ops.fork_conv1d and torch.ops.vlssm.fork_conv1d{,_backward}.
+
+Ground truth: vlssm.reference.fork_conv1d_ref in float64 on the same inputs
+upcast, itself checked against an independent tap loop over [P, S] and [P, rev S].
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import _ops_testlib as T
+from vlssm import ops
+from vlssm.reference import fork_conv1d_ref
+
+F32, F64 = torch.float32, torch.float64
+
+
+class Case(NamedTuple):
+    b: int
+    p: int
+    s: int
+    E: int
+    K: int = 4
+    has_bias: bool = True
+
+    def inputs(self, seed, dtype=F32):
+        return T.conv_inputs(seed, self.b, self.p, self.s, self.E, self.K, dtype, has_bias=self.has_bias)
+
+
+def _id(c: Case) -> str:
+    return f"b{c.b}-p{c.p}-s{c.s}-e{c.E}-k{c.K}{'-bias' if c.has_bias else ''}"
+
+
+FWD_CASES = [
+    Case(1, 0, 1, 1, 4, True),
+    Case(2, 1, 1, 3, 4, False),
+    Case(2, 2, 3, 5, 4, True),     # prefix shorter than d_conv - 1
+    Case(1, 3, 2, 63, 4, True),    # prefix == d_conv - 1
+    Case(3, 17, 7, 64, 3, False),
+    Case(2, 0, 5, 33, 1, True),    # pointwise conv
+    Case(1, 5, 9, 7, 5, True),
+    Case(2, 4, 2, 6, 6, True),     # window spans suffix, prefix and padding
+    Case(1, 1, 3, 2, 8, False),    # window longer than the whole sequence
+    Case(2, 196, 80, 16, 4, True),  # MVLR label block shape (p = M, s = C), narrow
+    Case(1, 80, 196, 5, 4, True),   # visual block
+    Case(2, 0, 1, 130, 2, True),
+]
+HALF_CASES = [Case(2, 2, 3, 5, 4, True), Case(2, 17, 7, 64, 3, False), Case(1, 196, 80, 16, 4, True)]
+GRAD_CASES = [
+    Case(1, 0, 1, 1, 4, True),
+    Case(2, 2, 3, 5, 4, True),
+    Case(2, 1, 1, 3, 2, False),
+    Case(3, 17, 7, 64, 3, True),
+    Case(2, 4, 2, 70, 6, True),
+    Case(1, 1, 3, 2, 8, False),
+    Case(2, 30, 20, 9, 4, True),
+]
+
+
+def run(inp, backend, **over):
+    a = {**inp, **over}
+    return ops.fork_conv1d(a["x_prefix"], a["x_suffix"], a["weight"], a["bias"], backend=backend)
+
+
+def ref64(inp):
+    a = {k: T.up(v) for k, v in inp.items()}
+    return fork_conv1d_ref(a["x_prefix"], a["x_suffix"], a["weight"], a["bias"])
+
+
+def raw(inp):
+    return torch.ops.vlssm.fork_conv1d(inp["x_prefix"], inp["x_suffix"], inp["weight"], inp["bias"])
+
+
+# --------------------------------------------------------------------------
+# The reference itself
+
+
+@pytest.mark.parametrize("c", [FWD_CASES[0], FWD_CASES[2], FWD_CASES[6], FWD_CASES[7], FWD_CASES[8],
+                               Case(2, 6, 4, 3, 4, True)], ids=_id)
+def test_reference_matches_literal_taps(c, seed):
+    inp = c.inputs(seed, F64)
+    out = ref64(inp)
+    assert out.shape == (c.b, c.p + 2 * c.s, c.E)
+    T.assert_rel("y", out, T.literal_fork_conv1d(**inp), 1e-14)
+
+
+def test_reference_segments_are_the_two_sequences(seed):
+    """Segments [prefix | S in [P, S] | S in [P, rev S]]: first two = plain causal conv of [P, S]."""
+    c = Case(2, 5, 4, 3, 3, True)
+    inp = c.inputs(seed, F64)
+    y = ref64(inp)
+    plain = T.literal_causal_conv_silu(torch.cat([inp["x_prefix"], inp["x_suffix"]], 1), inp["weight"],
+                                       inp["bias"])
+    T.assert_rel("prefix + forward suffix", y[:, :c.p + c.s], plain, 1e-14)
+    rev = T.literal_causal_conv_silu(torch.cat([inp["x_prefix"], inp["x_suffix"].flip(1)], 1), inp["weight"],
+                                     inp["bias"])
+    T.assert_rel("reversed suffix", y[:, c.p + c.s:].flip(1), rev[:, c.p:], 1e-14)
+    T.assert_rel("prefix (shared)", rev[:, :c.p], y[:, :c.p], 1e-14)
+
+
+# --------------------------------------------------------------------------
+# Forward
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("c", FWD_CASES, ids=_id)
+def test_forward(c, dtype, seed, cpu_backend):
+    inp = c.inputs(seed, dtype)
+    y = run(inp, cpu_backend)
+    ref = ref64(inp)
+    assert y.dtype == dtype and y.shape == (c.b, c.p + 2 * c.s, c.E)
+    T.assert_rel("y", y, ref, T.FWD_TOL[dtype])
+    T.assert_elementwise("y", y, ref, *{F32: (1e-5, 1e-6), F64: (1e-12, 1e-13)}[dtype])
+
+
+@pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("c", HALF_CASES, ids=_id)
+def test_forward_half(c, dtype, seed, cpu_backend):
+    inp = c.inputs(seed, dtype)
+    y = run(inp, cpu_backend)
+    assert y.dtype == dtype
+    T.assert_half_rule("y", y, fork_conv1d_ref(**inp), ref64(inp))
+    T.assert_elementwise("y", y, ref64(inp), 2e-2, 2e-2)
+
+
+@pytest.mark.parametrize("c", [FWD_CASES[2], FWD_CASES[7], Case(3, 40, 33, 70, 4, True)], ids=_id)
+def test_raw_op_writes_every_element(c, seed, cpu_backend):
+    inp = c.inputs(seed, F32)
+    like = torch.empty(c.b, c.p + 2 * c.s, c.E)
+    T.poison_allocator(like)
+    y = raw(inp)
+    T.assert_elementwise("y", y, ref64(inp), 1e-5, 1e-6)
+    T.poison_allocator(like)
+    assert torch.equal(raw(inp), y)
+
+
+# --------------------------------------------------------------------------
+# Gradients
+
+
+def _grads(c, dtype, seed, backend):
+    inp = c.inputs(seed, dtype)
+    cot = [T.randn(T.gen(seed + 7), c.b, c.p + 2 * c.s, c.E, dtype=F64)]
+    _, grads = T.grads_of(lambda **a: run(a, backend), inp, cot)
+    _, rgrads = T.grads_of(lambda **a: ref64(a), T.up_all(inp), cot)
+    return inp, grads, rgrads
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("c", GRAD_CASES, ids=_id)
+def test_gradients(c, dtype, seed, cpu_backend):
+    inp, grads, rgrads = _grads(c, dtype, seed, cpu_backend)
+    assert set(grads) == {k for k, v in inp.items() if v is not None}
+    bad = []
+    for k, gk in grads.items():
+        assert gk.dtype == inp[k].dtype and gk.shape == inp[k].shape, k
+        assert torch.isfinite(gk).all(), f"d{k} not finite"
+        if gk.numel() == 0:
+            continue
+        err = T.rel_err(gk, rgrads[k])
+        if not err < T.GRAD_TOL[dtype]:
+            bad.append(f"d{k}: {err:.3g}")
+    assert not bad, "rel err >= tol: " + ", ".join(bad)
+
+
+@pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
+def test_gradients_half(dtype, seed, cpu_backend):
+    c = Case(2, 5, 6, 9, 4, True)
+    inp = c.inputs(seed, dtype)
+    cot = [T.randn(T.gen(seed + 7), c.b, c.p + 2 * c.s, c.E, dtype=dtype)]
+    _, grads = T.grads_of(lambda **a: run(a, cpu_backend), inp, cot)
+    _, same = T.grads_of(lambda **a: fork_conv1d_ref(**a), inp, cot)
+    _, exact = T.grads_of(lambda **a: ref64(a), T.up_all(inp), cot)
+    for k in grads:
+        assert grads[k].dtype == dtype
+        T.assert_half_rule(f"d{k}", grads[k], same[k], exact[k])
+
+
+GRADCHECK_CASES = [
+    Case(1, 0, 2, 2, 4, True),
+    Case(1, 2, 3, 2, 4, True),
+    Case(2, 1, 1, 3, 2, False),
+    Case(1, 3, 2, 1, 6, True),
+]
+
+
+@pytest.mark.parametrize("c", GRADCHECK_CASES, ids=_id)
+def test_gradcheck(c, seed, cpu_backend):
+    inp = c.inputs(seed, F64)
+    names = [k for k in T.CONV_KEYS if inp[k] is not None and inp[k].numel() > 0]
+    leaves = [inp[k].clone().requires_grad_(True) for k in names]
+
+    def fn(*xs):
+        return run(dict(inp, **dict(zip(names, xs))), cpu_backend)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_gradcheck_batch_broadcast_suffix(seed, cpu_backend):
+    """x_suffix = t.expand(b, s, E) (stride 0): the gradient reaches t summed over the batch."""
+    c = Case(3, 2, 3, 2, 4, True)
+    inp = c.inputs(seed, F64)
+    t = inp["x_suffix"][:1].clone().requires_grad_(True)
+    xp = inp["x_prefix"].clone().requires_grad_(True)
+
+    def fn(xp, t):
+        xs = t.expand(c.b, c.s, c.E)
+        assert xs.stride(0) == 0
+        return run(dict(inp, x_prefix=xp, x_suffix=xs), cpu_backend)
+
+    assert torch.autograd.gradcheck(fn, (xp, t), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Registration
+
+
+def _opcheck(op, args):
+    res = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+OPCHECK_CASES = [
+    (Case(2, 3, 2, 5, 4, True), F32, True),
+    (Case(1, 0, 3, 4, 4, False), F32, False),
+    (Case(2, 2, 1, 3, 3, False), F64, True),
+    (Case(1, 1, 2, 2, 4, True), F64, False),
+]
+
+
+@pytest.mark.parametrize("c,dtype,requires_grad", OPCHECK_CASES,
+                         ids=[f"{_id(c)}-{d}-{'grad' if r else 'nograd'}" for c, d, r in OPCHECK_CASES])
+def test_opcheck_forward(c, dtype, requires_grad, seed, cpu_backend):
+    inp = c.inputs(seed, dtype)
+    args = [None if inp[k] is None else inp[k].clone().requires_grad_(requires_grad) for k in T.CONV_KEYS]
+    _opcheck(torch.ops.vlssm.fork_conv1d.default, tuple(args))
+
+
+@pytest.mark.parametrize("c,dtype", [(Case(2, 3, 2, 5, 4, True), F32), (Case(1, 0, 3, 4, 4, False), F64),
+                                     (Case(2, 2, 1, 3, 3, False), F32)], ids=["bias-f32", "p0-f64", "nobias-f32"])
+def test_opcheck_backward(c, dtype, seed, cpu_backend):
+    inp = c.inputs(seed, dtype)
+    dy = T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E, dtype=dtype)
+    _opcheck(torch.ops.vlssm.fork_conv1d_backward.default, (dy, *[inp[k] for k in T.CONV_KEYS]))
+
+
+@pytest.mark.parametrize("api", ["public", "raw"])
+def test_compile_fullgraph_aot_eager(api, seed, cpu_backend, clean_env):
+    c = Case(2, 3, 4, 5, 4, True)
+    inp = c.inputs(seed, F32)
+    names = list(T.CONV_KEYS)
+
+    def fn(xp, xs, w, bias):
+        if api == "public":
+            y = ops.fork_conv1d(xp, xs, w, bias)
+        else:
+            y = torch.ops.vlssm.fork_conv1d(xp, xs, w, bias)
+        return (y * y.sum(-1, keepdim=True),)
+
+    leaves_e = [inp[k].clone().requires_grad_(True) for k in names]
+    leaves_c = [inp[k].clone().requires_grad_(True) for k in names]
+    cfn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out_e, out_c = fn(*leaves_e)[0], cfn(*leaves_c)[0]
+    T.assert_rel("y", out_c, out_e, 1e-6)
+    cot = T.randn(T.gen(3), *out_e.shape)
+    (out_e * cot).sum().backward()
+    (out_c * cot).sum().backward()
+    for k, a, e in zip(names, leaves_c, leaves_e):
+        T.assert_rel(f"d{k}", a.grad, e.grad, 1e-6)
+
+
+# --------------------------------------------------------------------------
+# Determinism, layouts
+
+
+def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads):
+    c = Case(3, 50, 30, 130, 4, True)
+    inp = c.inputs(seed, F32)
+    cot = [T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E)]
+
+    def once():
+        outs, grads = T.grads_of(lambda **a: run(a, cpu_backend), inp, cot)
+        return outs + [grads[k] for k in T.CONV_KEYS]
+
+    torch.set_num_threads(2)
+    r1, r2 = once(), once()
+    torch.set_num_threads(1)
+    r3 = once()
+    for i, (a, b_, d) in enumerate(zip(r1, r2, r3)):
+        assert torch.equal(a, b_), f"result {i} differs between two runs"
+        assert torch.equal(a, d), f"result {i} differs between 2 threads and 1 thread"
+
+
+def test_noncontiguous_inputs(seed, cpu_backend):
+    """Slices of a token-major in_proj output, channel-major storage, strided weight / bias."""
+    c = Case(2, 6, 5, 7, 4, True)
+    inp = c.inputs(seed, F32)
+    xz = torch.empty(c.b, c.p + c.s, 2 * c.E + 3)
+    xz[:, :c.p, 3:3 + c.E] = inp["x_prefix"]
+    xz[:, c.p:, 3:3 + c.E] = inp["x_suffix"]
+    nc = dict(
+        x_prefix=xz[:, :c.p, 3:3 + c.E],
+        x_suffix=inp["x_suffix"].transpose(1, 2).contiguous().transpose(1, 2),
+        weight=inp["weight"].t().contiguous().t(),
+        bias=torch.stack([inp["bias"], inp["bias"]], 1)[:, 1],
+    )
+    for k, v in nc.items():
+        assert torch.equal(v, inp[k]) and not v.is_contiguous(), k
+    cot = [T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E)]
+    outs, grads = T.grads_of(lambda **a: run(a, cpu_backend), inp, cot)
+    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, cpu_backend), nc, cot, copy=False)
+    assert torch.equal(outs_nc[0], outs[0])
+    for k in grads:
+        assert torch.equal(grads_nc[k], grads[k]), f"d{k} differs from the contiguous result"
+
+
+def test_batch_broadcast_suffix(seed, cpu_backend):
+    c = Case(4, 3, 6, 9, 4, True)
+    inp = c.inputs(seed, F32)
+    t = inp["x_suffix"][:1]
+    expanded = t.expand(c.b, c.s, c.E)
+    assert expanded.stride(0) == 0
+    y = run(dict(inp, x_suffix=expanded), cpu_backend)
+    y_dense = run(dict(inp, x_suffix=expanded.contiguous()), cpu_backend)
+    assert torch.equal(y, y_dense)
+    T.assert_rel("y", y, ref64(dict(inp, x_suffix=expanded)), 1e-5)
+
+
+def test_prefix_empty_any_layout(seed, cpu_backend):
+    """p = 0: an empty x_prefix of any strides gives the conv of S and of rev S."""
+    c = Case(2, 0, 5, 4, 4, True)
+    inp = c.inputs(seed, F32)
+    y = run(inp, cpu_backend)
+    odd = torch.empty(c.b, c.E, 0).transpose(1, 2)
+    assert torch.equal(run(dict(inp, x_prefix=odd), cpu_backend), y)
+    T.assert_rel("y", y, T.literal_fork_conv1d(**inp), 1e-5)
+
+
+# --------------------------------------------------------------------------
+# Backends
+
+
+def test_backends_agree(seed, cpu_backend):
+    c = Case(2, 9, 6, 11, 4, True)
+    inp = c.inputs(seed, F32)
+    T.assert_rel("y", run(inp, "cpu"), run(inp, "reference"), 1e-5)
+
+
+def test_default_backend_selection(seed, cpu_backend, clean_env):
+    c = Case(2, 9, 6, 40, 4, True)
+    inp = c.inputs(seed, F32)
+    y_cpu, y_ref = run(inp, "cpu"), run(inp, "reference")
+    assert not torch.equal(y_cpu, y_ref), "cpu and reference agree bitwise: the selection check is vacuous"
+    assert torch.equal(run(inp, None), y_cpu) and torch.equal(run(inp, "auto"), y_cpu)
+    clean_env.setenv("VLSSM_BACKEND", "reference")
+    assert torch.equal(run(inp, None), y_ref)
+
+
+# --------------------------------------------------------------------------
+# Bad inputs
+
+ARG_NAMES = ("x_prefix", "x_suffix", "weight", "bias", "backend")
+NB, NP, NS, NE, NK = 2, 3, 4, 5, 4
+
+
+def _valid():
+    return T.conv_inputs(5, NB, NP, NS, NE, NK, F32)
+
+
+def _meta(t):
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+BAD = [
+    ("x_prefix-rank2", ValueError, "x_prefix", dict(x_prefix=torch.randn(NB, NE))),
+    ("x_suffix-rank4", ValueError, "x_suffix", dict(x_suffix=torch.randn(NB, NS, NE, 1))),
+    ("x_suffix-batch", ValueError, "x_suffix", dict(x_suffix=torch.randn(NB + 1, NS, NE))),
+    ("x_suffix-dim", ValueError, "x_suffix", dict(x_suffix=torch.randn(NB, NS, NE + 1))),
+    ("x_prefix-batch-p0", ValueError, "x_suffix", dict(x_prefix=torch.randn(NB + 1, 0, NE))),
+    ("weight-dim", ValueError, "weight", dict(weight=torch.randn(NE + 1, NK))),
+    ("weight-rank3", ValueError, "weight", dict(weight=torch.randn(NE, 1, NK))),
+    ("bias-size", ValueError, "bias", dict(bias=torch.randn(NE - 1))),
+    ("bias-rank", ValueError, "bias", dict(bias=torch.randn(1, NE))),
+    ("x_suffix-float64", TypeError, "x_suffix", dict(x_suffix=torch.randn(NB, NS, NE, dtype=F64))),
+    ("weight-float64", TypeError, "weight", dict(weight=torch.randn(NE, NK, dtype=F64))),
+    ("bias-bfloat16", TypeError, "bias", dict(bias=torch.randn(NE, dtype=torch.bfloat16))),
+    ("x_prefix-int", TypeError, "x_prefix", dict(x_prefix=torch.ones(NB, NP, NE, dtype=torch.int64))),
+    ("weight-int", TypeError, "weight", dict(weight=torch.ones(NE, NK, dtype=torch.int32))),
+    ("x_suffix-meta", ValueError, "x_suffix", "meta:x_suffix"),
+    ("weight-meta", ValueError, "weight", "meta:weight"),
+    ("bias-meta", ValueError, "bias", "meta:bias"),
+    ("x_prefix-list", TypeError, "x_prefix", dict(x_prefix=[[[0.0]]])),
+    ("weight-numpy", TypeError, "weight", "numpy:weight"),
+    ("bias-float", TypeError, "bias", dict(bias=0.5)),
+    ("x_suffix-empty", ValueError, "x_suffix", dict(x_suffix=torch.randn(NB, 0, NE))),
+    ("x_prefix-empty-E", ValueError, "x_prefix", dict(x_prefix=torch.randn(NB, NP, 0))),
+    ("x_prefix-empty-b", ValueError, "x_prefix", dict(x_prefix=torch.randn(0, NP, NE))),
+    ("x_suffix-empty-E", ValueError, "x_suffix", dict(x_prefix=torch.randn(NB, NP, 0),
+                                                      x_suffix=torch.randn(NB, NS, 0))),
+    ("weight-empty-K", ValueError, "weight", dict(weight=torch.randn(NE, 0))),
+]
+
+
+def _apply_bad(spec):
+    inp = _valid()
+    if isinstance(spec, dict):
+        inp.update(spec)
+    elif spec.startswith("meta:"):
+        inp[spec[5:]] = _meta(inp[spec[5:]])
+    elif spec.startswith("numpy:"):
+        inp[spec[6:]] = inp[spec[6:]].numpy()
+    return inp
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("spec", BAD, ids=[s[0] for s in BAD])
+def test_bad_input(spec, backend):
+    _, exc, name, over = spec
+    if backend == "cpu" and not T.HAS_EXT:
+        pytest.skip(T.EXT_SKIP_REASON)
+    msg = T.check_raises(exc, name, run, _apply_bad(over), backend)
+    assert T.first_named(msg, ARG_NAMES) == name, f"first argument named should be {name!r}: {msg!r}"
+
+
+def test_bad_backend():
+    T.check_raises(ValueError, "backend", run, _valid(), "nonsense")
+
+
+@pytest.mark.parametrize("over,name,exc", [
+    (dict(weight=torch.randn(NE, NK, dtype=F64)), "weight", TypeError),
+    (dict(x_suffix=torch.randn(NB, NS, NE + 1)), "x_suffix", ValueError),
+    (dict(x_suffix=torch.randn(NB, 0, NE)), "x_suffix", ValueError),
+    (dict(bias=torch.randn(NE + 2)), "bias", ValueError),
+    (dict(bias=torch.empty(NE, device="meta")), "bias", (ValueError, RuntimeError)),
+], ids=["weight-f64", "x_suffix-dim", "x_suffix-empty", "bias-size", "bias-meta"])
+def test_raw_op_bad_input(over, name, exc, cpu_backend):
+    inp = dict(_valid(), **over)
+    T.check_raises(exc, name, raw, inp)
+
+
+def test_raw_backward_checks_dy(seed, cpu_backend):
+    inp = _valid()
+    dy = torch.randn(NB, NP + 2 * NS - 1, NE)
+    T.check_raises(ValueError, "dy", torch.ops.vlssm.fork_conv1d_backward, dy, *[inp[k] for k in T.CONV_KEYS])
