@@ -1,0 +1,161 @@
+"""The ``vlssm`` command line: ``vlssm env`` and ``vlssm bench`` (tiny shapes)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import vlssm
+from vlssm import _backend
+from vlssm.bench import CSV_COLUMNS
+from vlssm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--batch", "1", "--m", "5", "--c", "3", "--d", "16", "--reps", "1", "--ref-reps", "1"]
+
+
+def _run(args, cwd, timeout=600):
+    """Run ``python -m vlssm.cli ARGS`` on the very vlssm these tests imported, from ``cwd``."""
+    env = dict(os.environ)
+    pkg_root = str(Path(vlssm.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, "-m", "vlssm.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _read_csv(folder):
+    files = sorted(Path(folder).glob("*.csv"))
+    assert len(files) == 1, files
+    with open(files[0], newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_env_reports_extension_status(tmp_path):
+    r = _run(["env"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "extension vlssm._C" in out
+    if _backend.load_extension() is not None:
+        assert "loaded from" in out and "_C" in out
+    else:
+        assert "NOT loaded" in out
+    for key in ("torch", "triton", "CUDA available", "CPU threads", "auto on cpu"):
+        assert key in out
+
+
+def test_env_json(tmp_path):
+    r = _run(["env", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    import torch
+
+    assert info["torch"]["version"] == torch.__version__
+    assert info["extension"]["loaded"] == (_backend.load_extension() is not None)
+    if info["extension"]["loaded"]:
+        assert info["extension"]["path"].endswith(os.path.basename(_backend.load_extension().__file__))
+        assert any(k.startswith("vlssm::") for k in info["extension"]["cpu_kernels"])
+    else:
+        assert info["extension"]["error"]
+    want = "cpu" if info["extension"]["loaded"] else "reference"
+    if os.environ.get("VLSSM_BACKEND", "auto") in ("", "auto"):
+        assert info["backends"]["auto_resolves_to"]["cpu"] == want
+    assert isinstance(info["cuda"]["available"], bool)
+    assert isinstance(info["cpu"]["torch_threads"], int)
+
+
+def test_env_in_process(capsys):
+    assert main(["env"]) == 0
+    assert "auto on cpu" in capsys.readouterr().out
+
+
+def test_bench_tiny_writes_csv(tmp_path):
+    out = tmp_path / "results"
+    r = _run(["bench", *TINY, "--no-memory", "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fields, rows = _read_csv(out)
+    assert fields == CSV_COLUMNS
+    assert [row["provider"] for row in rows] == ["fused", "unfused", "reference"]
+    for row in rows:
+        assert row["error"] == ""
+        assert (row["batch"], row["m"], row["c"], row["d"], row["dtype"]) == ("1", "5", "3", "16", "float32")
+        assert row["device"] == "cpu" and row["device_name"]
+        assert row["torch"] and row["date_utc"]
+        datetime.fromisoformat(row["date_utc"])
+        assert float(row["fwd_ms"]) > 0 and float(row["fwdbwd_ms"]) > 0
+        assert float(row["gflop_fwd"]) > 0
+        assert row["peak_mem_mb"] == ""  # --no-memory
+    fused, unfused, ref = rows
+    assert fused["fused"] == "True" and unfused["fused"] == "False"
+    assert ref["backend"] == "reference"
+    assert float(ref["fwd_speedup_vs_reference"]) == 1.0
+    assert float(unfused["fwd_speedup_vs_unfused"]) == 1.0
+    assert float(fused["gflop_fwd"]) < float(unfused["gflop_fwd"]) == float(ref["gflop_fwd"])
+    assert float(fused["max_rel_diff_vs_unfused"]) < 1e-4
+    # table on stdout, progress on stderr
+    assert "provider" in r.stdout and "fused vs unfused" in r.stdout and str(out) in r.stdout
+    for p in ("fused", "unfused", "reference"):
+        assert p in r.stderr
+    assert "forward+backward" in r.stderr
+
+
+def test_bench_memory_subprocess_and_options(tmp_path):
+    out = tmp_path / "r"
+    r = _run(["bench", *TINY, "--providers", "unfused,fused", "--shared-labels", "--dtype", "float64",
+              "--threads", "1", "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, rows = _read_csv(out)
+    assert [row["provider"] for row in rows] == ["unfused", "fused"]
+    for row in rows:
+        assert row["error"] == ""
+        assert row["dtype"] == "float64" and row["shared_labels"] == "True" and row["cpu_threads"] == "1"
+        assert float(row["peak_mem_mb"]) > 0
+        assert float(row["peak_mem_fwdbwd_increase_mb"]) >= 0
+        assert row["fwd_speedup_vs_reference"] == ""  # no reference provider in this run
+    assert float(rows[1]["max_rel_diff_vs_unfused"]) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--providers", "fused,foo"], "unknown provider"),
+        (["bench", "--batch", "0"], "--batch"),
+        (["bench", "--reps", "two"], "--reps"),
+        (["bench", "--dtype", "float16"], "--dtype"),
+        (["bench", "--device", "tpu"], "--device"),
+        (["bench", "--budget", "-1"], "--budget"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_options_error_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err
+
+
+def test_bench_cuda_without_cuda(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    assert main(["bench", *TINY, "--device", "cuda", "--no-memory", "--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_bench_script_help(tmp_path):
+    script = REPO / "bench" / "qmvl.py"
+    if not script.exists():
+        pytest.skip("bench/qmvl.py is not in this tree")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(vlssm.__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--providers" in r.stdout
