@@ -26,26 +26,9 @@ VLSSM_HD T softplus(T x) {
   return x <= T(20) ? std::log1p(std::exp(x)) : x;
 }
 
-// d softplus / dx (matches the identity branch above 20).
-template <typename T>
-VLSSM_HD T softplus_grad(T x) {
-  return x <= T(20) ? T(1) / (T(1) + std::exp(-x)) : T(1);
-}
-
 template <typename T>
 VLSSM_HD T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
-}
-
-template <typename T>
-VLSSM_HD T silu(T x) {
-  return x * sigmoid(x);
-}
-
-template <typename T>
-VLSSM_HD T silu_grad(T x) {
-  const T s = sigmoid(x);
-  return s * (T(1) + x * (T(1) - s));
 }
 
 // exp for float, branch-free so the compiler vectorizes loops that call it.
