@@ -47,9 +47,12 @@ def extension_error() -> Optional[str]:
     return _state["error"]
 
 
-@torch.compiler.assume_constant_result
 def extension_available() -> bool:
-    """Whether the compiled kernels are loaded (a constant to torch.compile)."""
+    """Whether the compiled kernels are loaded.
+
+    ``import vlssm.ops`` loads them, so under torch.compile this is a read of
+    ``_state`` (guarded like any global), never an import or a registration.
+    """
     return load_extension() is not None
 
 
