@@ -110,3 +110,19 @@ def pytest_report_header(config):
     ext = _backend.load_extension()
     ext_s = f"loaded ({os.path.basename(ext.__file__)})" if ext is not None else f"NOT loaded: {_backend.extension_error()}"
     return [f"vlssm {getattr(vlssm, '__version__', '?')} from {where} [{_CHOICE}]; vlssm._C {ext_s}"]
+
+
+# Triton kernels run on CPU tensors under the interpreter when no GPU exists;
+# the variable must be set before any @triton.jit function is defined.
+def _triton_interpret_without_gpu() -> None:
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_triton_interpret_without_gpu()

@@ -1,21 +1,25 @@
 """Backend selection.
 
-Backends: ``"cpu"`` (the compiled C++ kernels of ``vlssm._C``), ``"reference"``
-(pure PyTorch, :mod:`vlssm.reference`) and ``"auto"`` (the default). The
-``VLSSM_BACKEND`` environment variable sets the default. ``auto`` picks the
-compiled kernels for the tensors' device when they exist and falls back to the
-reference only when nothing else exists; ``vlssm env`` says which.
-Import never probes the GPU or compiles anything: ``vlssm._C`` is loaded on
-first use.
+Backends: ``"cpu"`` (the compiled C++ kernels of ``vlssm._C``), ``"triton"``
+(the Triton kernels of :mod:`vlssm.kernels`: CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), ``"reference"`` (pure PyTorch, :mod:`vlssm.reference`)
+and ``"auto"`` (the default). The ``VLSSM_BACKEND`` environment variable sets
+the default. Each op says which backends it implements; ``auto`` picks the
+fastest of those for the tensors' device and falls back to the reference only
+when nothing else exists; ``vlssm env`` says which.
+Import never probes the GPU or compiles anything.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-BACKENDS = ("auto", "cpu", "reference")
+BACKENDS = ("auto", "cpu", "triton", "reference")
+
+# What `auto` tries, best first, per device type (then "reference").
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 
 _state: dict = {"tried": False, "module": None, "error": None}
@@ -63,25 +67,64 @@ def default_backend() -> str:
     return name
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """Map ``backend`` (None, 'auto', 'cpu', 'reference') to a concrete backend for ``device``."""
+def triton_available() -> bool:
+    """Whether Triton imports (it is only imported when a Triton backend is used)."""
+    if "triton" not in _state:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _state["triton"] = False
+        else:
+            _state["triton"] = True
+    return _state["triton"]
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _usable(name: str, device: torch.device) -> Optional[str]:
+    """None if backend ``name`` can run on ``device``, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"backend='cpu' runs the C++ CPU kernels; the tensors are on {device}"
+        if not extension_available():
+            return (f"backend='cpu' needs the compiled extension vlssm._C, which failed to import: "
+                    f"{extension_error()}. Rebuild with `pip install --no-build-isolation .`")
+        return None
+    if name == "triton":
+        if not triton_available():
+            return "backend='triton' needs the triton package"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return None
+        return f"backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); the tensors are on {device}"
+    return f"backend={name!r} is not built"
+
+
+def resolve_backend(backend: Optional[str], device: torch.device,
+                    implemented: Sequence[str] = ("cpu", "reference"), op: str = "this op") -> str:
+    """Map ``backend`` (None, 'auto', or a name) to a concrete backend for ``device``.
+
+    ``implemented`` lists the backends the op has. An explicit backend the op
+    lacks or that cannot run on ``device`` raises ValueError (RuntimeError when
+    the compiled extension failed to import); ``auto`` takes the first usable
+    of the device's preference order and falls back to ``"reference"``.
+    """
     name = default_backend() if backend is None else backend
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     name = name.lower()
     device = torch.device(device)
-    if name == "reference":
-        return "reference"
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' runs the C++ CPU kernels; the tensors are on {device}")
-        if not extension_available():
-            raise RuntimeError(
-                "backend='cpu' needs the compiled extension vlssm._C, which failed to import: "
-                f"{extension_error()}. Rebuild with `pip install --no-build-isolation .`"
-            )
-        return "cpu"
-    # auto
-    if device.type == "cpu" and extension_available():
-        return "cpu"
+    if name != "auto":
+        if name not in implemented:
+            raise ValueError(f"{op} has no {name!r} backend; it has {tuple(implemented)}")
+        why = _usable(name, device)
+        if why is not None:
+            raise (RuntimeError if name == "cpu" and device.type == "cpu" else ValueError)(why)
+        return name
+    for cand in _AUTO_ORDER.get(device.type, ()):
+        if cand in implemented and _usable(cand, device) is None:
+            return cand
     return "reference"
