@@ -1,0 +1,9 @@
+"""vlssm.kernels: the Triton kernels (``backend="triton"``), installed from kernels/.
+
+One file per op family: its ``@triton.jit`` kernels, the ops built from them
+(:mod:`._op`: triton_op on GPU, custom_op under ``TRITON_INTERPRET=1``), their
+fake and autograd registrations. Importing this package defines the ops; it is
+imported by ``import vlssm.ops`` when triton is installed (never inside a
+torch.compile trace). Kernels read their operands through strides or the op
+makes them contiguous first: a stride-0 gradient (from ``.sum()``) is common.
+"""

@@ -11,7 +11,10 @@ Import never probes the GPU or compiles anything.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -79,6 +82,61 @@ def triton_available() -> bool:
     return _state["triton"]
 
 
+def _kernels_from_source_tree():
+    """``kernels/`` of a source checkout as ``vlssm.kernels`` (pip installs it there).
+
+    Lets the source tree (built with ``python setup.py build_ext --inplace``) run
+    the Triton backend without an install. Returns None when there is no such folder.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    init = os.path.join(root, "kernels", "__init__.py")
+    if not (os.path.isfile(init) and os.path.isfile(os.path.join(root, "setup.py"))):
+        return None
+    spec = importlib.util.spec_from_file_location("vlssm.kernels", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["vlssm.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["vlssm.kernels"]
+        raise
+    return module
+
+
+def load_kernels():
+    """Import the Triton kernels ``vlssm.kernels`` once (defining their ``torch.ops``
+    triton ops); returns the module, or None with the reason in :func:`kernels_error`.
+
+    ``import vlssm.ops`` calls this when triton is installed, outside any
+    torch.compile trace. Importing triton never probes the GPU.
+    """
+    if "kernels" not in _state:
+        _state["kernels"], _state["kernels_error"] = None, None
+        if not triton_available():
+            _state["kernels_error"] = "the triton package is not installed"
+        else:
+            try:
+                try:
+                    module = importlib.import_module("vlssm.kernels")
+                except ModuleNotFoundError as e:
+                    if e.name != "vlssm.kernels":
+                        raise
+                    module = _kernels_from_source_tree()
+                    if module is None:
+                        raise
+            except Exception as e:  # depends on the installed triton
+                _state["kernels_error"] = f"{type(e).__name__}: {e}"
+            else:
+                _state["kernels"] = module
+    return _state["kernels"]
+
+
+def kernels_error() -> Optional[str]:
+    load_kernels()
+    return _state["kernels_error"]
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -97,6 +155,8 @@ def _usable(name: str, device: torch.device) -> Optional[str]:
     if name == "triton":
         if not triton_available():
             return "backend='triton' needs the triton package"
+        if load_kernels() is None:
+            return f"backend='triton': the Triton kernels vlssm.kernels failed to import: {kernels_error()}"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return None
         return f"backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); the tensors are on {device}"

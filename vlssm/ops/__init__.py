@@ -27,5 +27,11 @@ def _register() -> None:
 # outside any torch.compile trace. Without the extension the ops still work on
 # the reference backend, and `vlssm env` says why.
 from .._backend import load_extension as _load_extension  # noqa: E402
+from .._backend import load_kernels as _load_kernels  # noqa: E402
+from .._backend import triton_available as _triton_available  # noqa: E402
 
 _load_extension()
+# The Triton kernels define their own ops (torch.library.triton_op); define them
+# now too, so that a torch.compile trace never imports them.
+if _triton_available():
+    _load_kernels()
