@@ -2,8 +2,9 @@
 multi-label recognition.
 
 ``import vlssm`` is cheap: it never probes the GPU or loads/compiles the
-extension. The modules (:class:`MambaBlock`, :class:`QMVL`, :class:`Mamba`) are
-imported on first attribute access.
+extension. The modules (:class:`MambaBlock`, :class:`QMVL`, :class:`Mamba`, :class:`PDLR`)
+are imported on first attribute access; :class:`PDLR` needs the optional
+open_clip (``pip install open_clip_torch``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Mamba": "vlssm.modules",
     "MambaBlock": "vlssm.modules",
+    "PDLR": "vlssm.modules",
     "QMVL": "vlssm.modules",
 }
 
