@@ -54,10 +54,27 @@ def _scores(q_base, k_base, offs_m, offs_n, mask_m, mask_n, D, sqm, sqd, skn, sk
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 -> the float32 nearest bfloat16 (ties to even): the interpreter's
+    float32 -> bfloat16 conversion truncates, which doubles the rounding error."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_cast(ptrs, x, mask, ROUND_BF16: tl.constexpr):
+    if ROUND_BF16:
+        x = _round_bf16(x)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, p_ptr, Lq, Lk, D, DV, scale,
                      sqb, sqm, sqd, skb, skn, skd, svb, svn, svd, sob, som, sod, spb, spm, spn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, ACC_F64: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, ACC_F64: tl.constexpr, UPCAST: tl.constexpr,
+                     ROUND_BF16: tl.constexpr):
     acc_ty = tl.float64 if ACC_F64 else tl.float32
     b = tl.program_id(0).to(tl.int64)
     pm = tl.program_id(1)
@@ -95,16 +112,16 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, p_ptr, Lq, Lk, D, DV, scale,
                     BLOCK_M, BLOCK_N, BLOCK_D, ACC_F64, UPCAST)
         s = tl.where(mask_n[None, :], s * scale, float("-inf"))
         p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
-        tl.store(p_base + offs_m[:, None] * spm + offs_n[None, :] * spn, p.to(p_ptr.dtype.element_ty),
-                 mask=mask_p[:, None] & mask_n[None, :])
+        _store_cast(p_base + offs_m[:, None] * spm + offs_n[None, :] * spn, p,
+                    mask_p[:, None] & mask_n[None, :], ROUND_BF16)
         vb = tl.load(v_base + offs_n[:, None] * svn + offs_v[None, :] * svd,
                      mask=mask_n[:, None] & mask_v[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(p, vb.to(acc_ty), acc, input_precision="ieee")
         else:
             acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision="ieee")
-    tl.store(out_ptr + b * sob + offs_m[:, None] * som + offs_v[None, :] * sod, acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_v[None, :])
+    _store_cast(out_ptr + b * sob + offs_m[:, None] * som + offs_v[None, :] * sod, acc,
+                mask_m[:, None] & mask_v[None, :], ROUND_BF16)
 
 
 @triton.jit
@@ -189,6 +206,7 @@ def attention_with_probs_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         probs.stride(0), probs.stride(1), probs.stride(2),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
         ACC_F64=q.dtype == torch.float64, UPCAST=INTERPRET or q.dtype in (torch.float32, torch.float64),
+        ROUND_BF16=INTERPRET and q.dtype == torch.bfloat16,
     )
     return out, probs
 
