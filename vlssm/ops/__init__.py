@@ -8,19 +8,23 @@ registrations (here), and a test file (tests/ops/).
   (token-major (b, L, E)).
 - :func:`fork_scan` — scan the prefix once, fork the state into the forward and the
   reversed suffix, add D*u, sum, gate (token-major).
+- :func:`attention_with_probs` — softmax attention returning ``(out, probs)``, both
+  differentiable, in one pass.
 """
+from .attention import attention_with_probs
 from .fork import fork_conv1d, fork_scan
 from .scan import selective_scan
 
-__all__ = ["selective_scan", "fork_conv1d", "fork_scan"]
+__all__ = ["selective_scan", "fork_conv1d", "fork_scan", "attention_with_probs"]
 
 
 def _register() -> None:
     """Fake (meta) and autograd registrations; called once vlssm._C is loaded."""
-    from . import fork, scan
+    from . import attention, fork, scan
 
     scan.register()
     fork.register()
+    attention.register()
 
 
 # Register the compiled kernels with their fake / autograd implementations now,
