@@ -8,19 +8,23 @@ registrations (here), and a test file (tests/ops/).
   (token-major (b, L, E)).
 - :func:`fork_scan` — scan the prefix once, fork the state into the forward and the
   reversed suffix, add D*u, sum, gate (token-major).
+- :func:`relation_aggregate`, :func:`kcr_loss` — MVLR's Interaction and Fusion
+  Module: mixed relation map times label embeddings; knowledge-consistency loss.
 """
 from .fork import fork_conv1d, fork_scan
+from .ifm_ops import kcr_loss, relation_aggregate
 from .scan import selective_scan
 
-__all__ = ["selective_scan", "fork_conv1d", "fork_scan"]
+__all__ = ["selective_scan", "fork_conv1d", "fork_scan", "relation_aggregate", "kcr_loss"]
 
 
 def _register() -> None:
     """Fake (meta) and autograd registrations; called once vlssm._C is loaded."""
-    from . import fork, scan
+    from . import fork, ifm_ops, scan
 
     scan.register()
     fork.register()
+    ifm_ops.register()
 
 
 # Register the compiled kernels with their fake / autograd implementations now,
