@@ -7,3 +7,5 @@ imported by ``import vlssm.ops`` when triton is installed (never inside a
 torch.compile trace). Kernels read their operands through strides or the op
 makes them contiguous first: a stride-0 gradient (from ``.sum()``) is common.
 """
+
+from . import ifm_ops  # noqa: E402,F401

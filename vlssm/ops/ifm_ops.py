@@ -46,6 +46,43 @@ def _alpha(alpha, like: torch.Tensor) -> torch.Tensor:
     return alpha
 
 
+def check_relation_aggregate(m_ka, m_ca, t_ca, alpha) -> torch.Tensor:
+    """Argument checks of relation_aggregate (every backend); returns alpha as a 0-dim tensor."""
+    _checks.tensor("t_ca", t_ca, 3, "(batch, labels, dim)")
+    B, C, d = t_ca.shape
+    if isinstance(m_ka, torch.Tensor) and m_ka.dim() == 2:
+        _checks.like("m_ka", m_ka, "t_ca", t_ca, (C, C), "(labels, labels)")
+    else:
+        _checks.like("m_ka", m_ka, "t_ca", t_ca, (B, C, C), "(batch, labels, labels) or (labels, labels)")
+    _checks.like("m_ca", m_ca, "t_ca", t_ca, (B, C, C), "(batch, labels, labels)")
+    alpha = _alpha(alpha, t_ca)
+    return alpha
+
+
+def check_kcr_loss(t_ka, t_ca, eps) -> float:
+    """Argument checks of kcr_loss (every backend); returns eps as a float."""
+    for name, t in (("t_ka", t_ka), ("t_ca", t_ca)):
+        _checks.tensor(name, t, t.dim() if isinstance(t, torch.Tensor) and t.dim() >= 2 else 2, "(..., labels, dim)")
+    if t_ca.dtype != t_ka.dtype:
+        raise TypeError(f"t_ca must have dtype {t_ka.dtype} like t_ka, got {t_ca.dtype}")
+    if t_ca.device != t_ka.device:
+        raise ValueError(f"t_ca must be on {t_ka.device} like t_ka, got {t_ca.device}")
+    if t_ca.shape[-1] != t_ka.shape[-1]:
+        raise ValueError(f"t_ca must have shape (..., labels, dim) with dim = {t_ka.shape[-1]} like t_ka, "
+                         f"got {_checks._shape_str(t_ca.shape)}")
+    try:
+        kcr_rows(t_ka.shape, t_ca.shape)
+    except RuntimeError:
+        raise ValueError(f"t_ca of shape {_checks._shape_str(t_ca.shape)} must broadcast with t_ka of shape "
+                         f"{_checks._shape_str(t_ka.shape)} in its leading dims (..., labels)") from None
+    if isinstance(eps, bool) or not isinstance(eps, (float, int)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = float(eps)
+    return eps
+
+
 def relation_aggregate(
     m_ka: torch.Tensor,
     m_ca: torch.Tensor,
@@ -70,14 +107,7 @@ def relation_aggregate(
         (B, C, d) in t_ca's dtype. Gradients: all of m_ka (summed over the batch
         when it is (C, C)), m_ca, t_ca and alpha (in alpha's dtype).
     """
-    _checks.tensor("t_ca", t_ca, 3, "(batch, labels, dim)")
-    B, C, d = t_ca.shape
-    if isinstance(m_ka, torch.Tensor) and m_ka.dim() == 2:
-        _checks.like("m_ka", m_ka, "t_ca", t_ca, (C, C), "(labels, labels)")
-    else:
-        _checks.like("m_ka", m_ka, "t_ca", t_ca, (B, C, C), "(batch, labels, labels) or (labels, labels)")
-    _checks.like("m_ca", m_ca, "t_ca", t_ca, (B, C, C), "(batch, labels, labels)")
-    alpha = _alpha(alpha, t_ca)
+    alpha = check_relation_aggregate(m_ka, m_ca, t_ca, alpha)
     be = _backend.resolve_backend(backend, t_ca.device, implemented=IMPLEMENTED, op="relation_aggregate")
     if be == "reference":
         return relation_aggregate_ref(m_ka, m_ca, t_ca, alpha)
@@ -111,28 +141,7 @@ def kcr_loss(t_ka: torch.Tensor, t_ca: torch.Tensor, eps: float = 1e-8, *,
         0-dim tensor: in the input dtype for float32 / float64, in float32 for
         float16 / bfloat16 inputs (accumulated in float32; not rounded to 8 bits).
     """
-    _checks.tensor("t_ka", t_ka, t_ka.dim() if isinstance(t_ka, torch.Tensor) and t_ka.dim() >= 2 else 2,
-                   "(..., labels, dim)")
-    if not isinstance(t_ca, torch.Tensor) or t_ca.dim() < 2:
-        _checks.tensor("t_ca", t_ca, 2, "(..., labels, dim)")
-    _checks.tensor("t_ca", t_ca, t_ca.dim(), "(..., labels, dim)")
-    if t_ca.dtype != t_ka.dtype:
-        raise TypeError(f"t_ca must have dtype {t_ka.dtype} like t_ka, got {t_ca.dtype}")
-    if t_ca.device != t_ka.device:
-        raise ValueError(f"t_ca must be on {t_ka.device} like t_ka, got {t_ca.device}")
-    if t_ca.shape[-1] != t_ka.shape[-1]:
-        raise ValueError(f"t_ca must have shape (..., labels, dim) with dim = {t_ka.shape[-1]} like t_ka, "
-                         f"got {_checks._shape_str(t_ca.shape)}")
-    try:
-        kcr_rows(t_ka.shape, t_ca.shape)
-    except RuntimeError:
-        raise ValueError(f"t_ca of shape {_checks._shape_str(t_ca.shape)} must broadcast with t_ka of shape "
-                         f"{_checks._shape_str(t_ka.shape)} in its leading dims (..., labels)") from None
-    if isinstance(eps, bool) or not isinstance(eps, (float, int)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    eps = float(eps)
+    eps = check_kcr_loss(t_ka, t_ca, eps)
     be = _backend.resolve_backend(backend, t_ka.device, implemented=IMPLEMENTED, op="kcr_loss")
     if be == "reference":
         return kcr_loss_ref(t_ka, t_ca, eps)
