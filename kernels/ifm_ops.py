@@ -253,7 +253,8 @@ def _kcr_bwd_kernel(x, y, stats, out, g_ptr, eps_ptr, Rt, Nr, D, O1, O2, O3, Q1,
             inv = 1.0 / (mx * my)
             cos = dot * inv
             ky = -g * inv
-            kx = tl.where((nx >= e) & (nx > 0), g * cos / (mx * nx), 0.0)
+            active = (nx >= e) & (nx > 0)  # |x| is clamped to eps below: no gradient through it
+            kx = tl.where(active, g * cos / (mx * tl.where(active, nx, 1.0)), 0.0)
             xo = c0 * xs0 + c1 * xs1 + c2 * xs2 + c3 * xs3
             yo = c0 * ys0 + c1 * ys1 + c2 * ys2 + c3 * ys3
             xv = tl.load(x + xo[:, None] + k[None, :] * xsd, mask=m, other=0.0).to(ACC)
