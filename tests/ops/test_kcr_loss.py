@@ -271,8 +271,6 @@ def test_opcheck(backend, c, dtype, seed):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph(backend, compiler, seed, clean_env):
-    if backend == "triton" and compiler == "inductor":
-        pytest.skip("interpreted Triton op under inductor: covered by aot_eager")
     inp = Case((3, 4), (2, 3, 4)).inputs(seed, F32)
 
     def fn(t_ka, t_ca):

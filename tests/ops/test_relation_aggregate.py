@@ -236,8 +236,6 @@ def test_opcheck(backend, c, dtype, seed):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph(backend, compiler, seed, clean_env):
-    if backend == "triton" and compiler == "inductor":
-        pytest.skip("interpreted Triton op under inductor: covered by aot_eager")
     c = Case(2, 3, 5, True)
     inp = c.inputs(seed, F32, 0.3)
 
