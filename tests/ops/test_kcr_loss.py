@@ -324,12 +324,17 @@ RAW_BAD = [b for b in BAD if b[0] not in ("t_ka-list", "t_ca-empty")]
 
 
 @pytest.mark.parametrize("exc,name,over", [b[1:] for b in RAW_BAD], ids=[b[0] for b in RAW_BAD])
-def test_bad_inputs_raw_cpu(exc, name, over, cpu_backend):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_bad_inputs_raw(backend, exc, name, over):
+    fwd, bwd = (f() for f in RAW[backend])
     a = {**_valid(), **over}
-    T.check_raises(exc, name, torch.ops.vlssm.kcr_loss, a["t_ka"], a["t_ca"], 1e-8)
+    T.check_raises(exc, name, fwd, a["t_ka"], a["t_ca"], 1e-8)
+    T.check_raises(exc, name, bwd, torch.tensor(1.0), a["t_ka"], a["t_ca"], torch.zeros(2, 3, 3), 1e-8)
 
 
-def test_bad_stats_raw_cpu(cpu_backend):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_bad_stats_and_grad_raw(backend):
     v = _valid()
-    T.check_raises(ValueError, "stats", torch.ops.vlssm.kcr_loss_backward, torch.tensor(1.0), v["t_ka"], v["t_ca"],
-                   torch.zeros(3, 3), 1e-8)
+    bwd = RAW[backend][1]()
+    T.check_raises(ValueError, "stats", bwd, torch.tensor(1.0), v["t_ka"], v["t_ca"], torch.zeros(3, 3), 1e-8)
+    T.check_raises(ValueError, "grad", bwd, torch.ones(2), v["t_ka"], v["t_ca"], torch.zeros(2, 3, 3), 1e-8)

@@ -313,11 +313,18 @@ RAW_BAD = [b for b in BAD if isinstance(b[3].get(b[2], torch.empty(0)), torch.Te
 
 
 @pytest.mark.parametrize("exc,name,over", [b[1:] for b in RAW_BAD], ids=[b[0] for b in RAW_BAD])
-def test_bad_inputs_raw_cpu(exc, name, over, cpu_backend):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_bad_inputs_raw(backend, exc, name, over):
+    fwd, bwd = (f() for f in RAW[backend])
     a = {**_valid(), **over}
-    T.check_raises(exc, name, torch.ops.vlssm.relation_aggregate, *(a[k] for k in KEYS))
+    T.check_raises(exc, name, fwd, *(a[k] for k in KEYS))
+    T.check_raises(exc, name, bwd, _valid()["t_ca"], *(a[k] for k in KEYS))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_bad_grad_raw(backend):
     v = _valid()
-    T.check_raises(exc, name, torch.ops.vlssm.relation_aggregate_backward, v["t_ca"], *(a[k] for k in KEYS))
+    T.check_raises(ValueError, "grad", RAW[backend][1](), v["t_ca"][:, :1], *(v[k] for k in KEYS))
 
 
 def test_bad_backend(seed):
