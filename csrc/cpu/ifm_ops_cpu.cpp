@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "../ifm_shapes.h"
+#include "simd.h"
 
 namespace vlssm {
 namespace cpu {
@@ -57,6 +58,48 @@ void mix_rows(const T* ka, int64_t ka_si, const T* ca, int64_t ca_si, Acc a, Acc
     for (int64_t j = 0; j < C; ++j) w[j] = a * static_cast<Acc>(kr[j]) + b * static_cast<Acc>(cr[j]);
   }
 }
+
+// ac += ky * y + kx * x over one row of d (the kcr_loss backward).
+template <typename T, typename Acc>
+inline void axpby_row(Acc* ac, Acc ky, const T* y, Acc kx, const T* x, int64_t d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) ac[k] += ky * static_cast<Acc>(y[k]) + kx * static_cast<Acc>(x[k]);
+}
+
+// dot, |x|^2, |y|^2 of one row (a function: no pragma inside the dispatch macro).
+template <typename T, typename Acc>
+inline void kcr_row_sums(const T* x, const T* y, int64_t d, Acc& dot_out, Acc& xx_out, Acc& yy_out) {
+  Acc dot = 0, xx = 0, yy = 0;
+#pragma omp simd reduction(+ : dot, xx, yy)
+  for (int64_t k = 0; k < d; ++k) {
+    const Acc xv = static_cast<Acc>(x[k]), yv = static_cast<Acc>(y[k]);
+    dot += xv * yv;
+    xx += xv * xv;
+    yy += yv * yv;
+  }
+  dot_out = dot;
+  xx_out = xx;
+  yy_out = yy;
+}
+
+// Multiversioned (AVX-512 / AVX2 / baseline, csrc/cpu/simd.h) entry points of
+// the vectorised row loops, one overload per (dtype, accumulation dtype).
+#define VLSSM_IFM_ENTRIES(T, Acc)                                                                              \
+  VLSSM_CLONES void mix_rows_v(const T* ka, int64_t ka_si, const T* ca, int64_t ca_si, Acc a, Acc* ws,        \
+                               int64_t C, int64_t i0, int64_t i1) {                                           \
+    mix_rows<T, Acc>(ka, ka_si, ca, ca_si, a, ws, C, i0, i1);                                                  \
+  }                                                                                                            \
+  VLSSM_CLONES void kcr_row_sums_v(const T* x, const T* y, int64_t d, Acc& dot, Acc& xx, Acc& yy) {           \
+    kcr_row_sums<T, Acc>(x, y, d, dot, xx, yy);                                                                \
+  }                                                                                                            \
+  VLSSM_CLONES void axpby_row_v(Acc* ac, Acc ky, const T* y, Acc kx, const T* x, int64_t d) {                 \
+    axpby_row<T, Acc>(ac, ky, y, kx, x, d);                                                                    \
+  }
+VLSSM_IFM_ENTRIES(float, float)
+VLSSM_IFM_ENTRIES(double, double)
+VLSSM_IFM_ENTRIES(at::BFloat16, float)
+VLSSM_IFM_ENTRIES(at::Half, float)
+#undef VLSSM_IFM_ENTRIES
 
 // f(b, ws) for every batch b, ws a (C, C) workspace of dtype `opts`. Parallel
 // over batches when there are enough of them, else serial (the gemms thread).
@@ -83,7 +126,7 @@ void mix_batch(const at::Tensor& ka, const at::Tensor& ca, bool shared, Acc a, i
   const int64_t ka_si = ka.stride(shared ? 0 : 1), ca_si = ca.stride(1);
   Acc* w = ws.data_ptr<Acc>();
   at::parallel_for(0, C, std::max<int64_t>(1, 4096 / C), [&](int64_t i0, int64_t i1) {
-    mix_rows<T, Acc>(kp, ka_si, cp, ca_si, a, w, C, i0, i1);
+    mix_rows_v(kp, ka_si, cp, ca_si, a, w, C, i0, i1);
   });
 }
 
@@ -228,22 +271,6 @@ std::vector<int64_t> lead_strides(const at::Tensor& t) {
   return std::vector<int64_t>(t.strides().begin(), t.strides().end() - 1);
 }
 
-// dot, |x|^2, |y|^2 of one row (a function: no pragma inside the dispatch macro).
-template <typename T, typename Acc>
-void kcr_row_sums(const T* x, const T* y, int64_t d, Acc& dot_out, Acc& xx_out, Acc& yy_out) {
-  Acc dot = 0, xx = 0, yy = 0;
-#pragma omp simd reduction(+ : dot, xx, yy)
-  for (int64_t k = 0; k < d; ++k) {
-    const Acc xv = static_cast<Acc>(x[k]), yv = static_cast<Acc>(y[k]);
-    dot += xv * yv;
-    xx += xv * xv;
-    yy += yv * yv;
-  }
-  dot_out = dot;
-  xx_out = xx;
-  yy_out = yy;
-}
-
 std::tuple<at::Tensor, at::Tensor> kcr_loss_cpu(const at::Tensor& t_ka, const at::Tensor& t_ca, double eps) {
   const KcrShape sh = check_kcr_loss(t_ka, t_ca, eps);
   const auto acc_type = acc_dtype(t_ka.scalar_type());
@@ -269,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> kcr_loss_cpu(const at::Tensor& t_ka, const at
         const T* x = ap + row_offset(r, sh.rows, sa);
         const T* y = bp + row_offset(r, sh.rows, sb);
         Acc dot, xx, yy;
-        kcr_row_sums<T, Acc>(x, y, d, dot, xx, yy);
+        kcr_row_sums_v(x, y, d, dot, xx, yy);
         const Acc nx = std::sqrt(xx), ny = std::sqrt(yy);
         st[3 * r] = dot;
         st[3 * r + 1] = nx;
@@ -335,9 +362,7 @@ void kcr_grad_of(const at::Tensor& X, const at::Tensor& Xe, const at::Tensor& Ye
         // d(1 - cos)/dx = -(y / (mx my) - cos x / (mx nx) [|x| >= eps])
         const Acc ky = -gg * inv;
         const Acc kx = (nx >= e && nx > 0) ? gg * cosv / (mx * nx) : Acc(0);
-        Acc* ac = acc.data();
-#pragma omp simd
-        for (int64_t k = 0; k < d; ++k) ac[k] += ky * static_cast<Acc>(y[k]) + kx * static_cast<Acc>(x[k]);
+        axpby_row_v(acc.data(), ky, y, kx, x, d);
       }
       T* o = out + r * d;
       for (int64_t k = 0; k < d; ++k) o[k] = static_cast<T>(acc[k]);
