@@ -8,3 +8,4 @@ torch.compile trace). Kernels read their operands through strides or the op
 makes them contiguous first: a stride-0 gradient (from ``.sum()``) is common.
 """
 from . import attention  # noqa: E402,F401
+from . import ifm_ops  # noqa: E402,F401

@@ -10,21 +10,26 @@ registrations (here), and a test file (tests/ops/).
   reversed suffix, add D*u, sum, gate (token-major).
 - :func:`attention_with_probs` — softmax attention returning ``(out, probs)``, both
   differentiable, in one pass.
+- :func:`relation_aggregate`, :func:`kcr_loss` — MVLR's Interaction and Fusion
+  Module: mixed relation map times label embeddings; knowledge-consistency loss.
 """
 from .attention import attention_with_probs
 from .fork import fork_conv1d, fork_scan
+from .ifm_ops import kcr_loss, relation_aggregate
 from .scan import selective_scan
 
-__all__ = ["selective_scan", "fork_conv1d", "fork_scan", "attention_with_probs"]
+__all__ = ["selective_scan", "fork_conv1d", "fork_scan", "attention_with_probs", "relation_aggregate",
+           "kcr_loss"]
 
 
 def _register() -> None:
     """Fake (meta) and autograd registrations; called once vlssm._C is loaded."""
-    from . import attention, fork, scan
+    from . import attention, fork, ifm_ops, scan
 
     scan.register()
     fork.register()
     attention.register()
+    ifm_ops.register()
 
 
 # Register the compiled kernels with their fake / autograd implementations now,
