@@ -15,7 +15,7 @@ from vlssm.bench import CSV_COLUMNS
 from vlssm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--batch", "1", "--m", "5", "--c", "3", "--d", "16", "--reps", "1", "--ref-reps", "1"]
+TINY = ["--workload", "qmvl", "--batch", "1", "--m", "5", "--c", "3", "--d", "16", "--reps", "1", "--ref-reps", "1"]
 
 
 def _run(args, cwd, timeout=600):
@@ -119,6 +119,40 @@ def test_bench_memory_subprocess_and_options(tmp_path):
     assert float(rows[1]["max_rel_diff_vs_unfused"]) < 1e-9
 
 
+IFM_TINY = ["bench", "--workload", "ifm", "--batch", "2", "--d", "8", "--heads", "2", "--ifm-c", "3,1",
+            "--ifm-m", "5", "--reps", "1"]
+
+
+def test_bench_ifm_sweep_writes_csv(tmp_path):
+    from vlssm.bench_ifm import CSV_COLUMNS as IFM_COLUMNS
+
+    out = tmp_path / "ifm"
+    r = _run([*IFM_TINY, "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fields, rows = _read_csv(out)
+    assert fields == IFM_COLUMNS
+    assert [(row["c"], row["m"], row["provider"]) for row in rows] == [
+        ("3", "5", "fused"), ("3", "5", "naive"), ("1", "5", "fused"), ("1", "5", "naive")]
+    for row in rows:
+        assert row["error"] == "" and row["heads"] == "2" and row["batch"] == "2" and row["d"] == "8"
+        assert float(row["fwd_ms"]) > 0 and float(row["fwdbwd_ms"]) > 0 and float(row["gmac_fwd"]) > 0
+        assert float(row["peak_mem_mb"]) > 0  # one subprocess per provider
+        assert row["cuda_kernels_fwd"] == ""  # CPU run
+        assert float(row["max_rel_diff_vs_naive"]) < 1e-4
+    assert float(rows[1]["fwd_speedup_vs_naive"]) == 1.0
+    assert "fwd x naive" in r.stdout and str(out) in r.stdout
+
+
+def test_bench_default_runs_both_workloads(tmp_path):
+    out = tmp_path / "both"
+    r = _run(["bench", *TINY[2:], "--providers", "fused", "--ifm-c", "2", "--ifm-m", "3", "--no-memory",
+              "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    names = sorted(p.name.split("-")[0] for p in out.glob("*.csv"))
+    assert names == ["ifm", "qmvl"]
+    assert "QMVL benchmark" in r.stdout and "IFM benchmark" in r.stdout
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -128,6 +162,9 @@ def test_bench_memory_subprocess_and_options(tmp_path):
         (["bench", "--dtype", "float16"], "--dtype"),
         (["bench", "--device", "tpu"], "--device"),
         (["bench", "--budget", "-1"], "--budget"),
+        (["bench", "--ifm-c", "20,x"], "--ifm-c"),
+        (["bench", "--ifm-m", "0"], "--ifm-m"),
+        (["bench", "--workload", "attention"], "--workload"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],

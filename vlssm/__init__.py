@@ -18,6 +18,7 @@ _LAZY = {
     "MambaBlock": "vlssm.modules",
     "PDLR": "vlssm.modules",
     "QMVL": "vlssm.modules",
+    "IFM": "vlssm.modules",
 }
 
 __all__ = ["__version__", *_LAZY]

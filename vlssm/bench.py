@@ -1,4 +1,7 @@
-"""QMVL benchmark: fused vs unfused vs the pure-PyTorch reference composition.
+"""``vlssm bench``: the QMVL benchmark (below) and, with ``--workload ifm`` or ``all``
+(the default), the IFM sweep of :mod:`vlssm.bench_ifm`, each with its table and CSV.
+
+QMVL benchmark: fused vs unfused vs the pure-PyTorch reference composition.
 
 Run it as ``vlssm bench [options]`` (or ``python bench/qmvl.py``, or
 ``python -m vlssm.bench``). Providers, all with the same seeded weights and
@@ -109,6 +112,16 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _int_list(s: str) -> List[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}")
+    return vals
+
+
 def _provider_list(s: str) -> List[str]:
     names = [p.strip().lower() for p in s.split(",") if p.strip()]
     if not names:
@@ -122,6 +135,8 @@ def _provider_list(s: str) -> List[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the benchmark's options to ``p`` (shared by ``vlssm bench`` and the scripts)."""
+    p.add_argument("--workload", choices=("all", "qmvl", "ifm"), default="all",
+                   help="what to benchmark: the QMVL layer, the IFM sweep, or both (default all)")
     g = p.add_argument_group("shape")
     g.add_argument("--batch", type=_positive_int, default=4, help="images per batch B (default 4)")
     g.add_argument("--m", type=_positive_int, default=196, help="visual tokens M (default 196)")
@@ -130,6 +145,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--d-state", type=_positive_int, default=16, help="SSM state size N (default 16)")
     g.add_argument("--shared-labels", action="store_true",
                    help="label tokens t of shape (C, d), shared by every image (default (B, C, d))")
+    g.add_argument("--heads", type=_positive_int, default=1, help="IFM attention heads (default 1)")
+    g.add_argument("--ifm-c", type=_int_list, default=[20, 80, 1000],
+                   help="IFM label counts C to sweep, comma-separated (default 20,80,1000)")
+    g.add_argument("--ifm-m", type=_int_list, default=[196, 784],
+                   help="IFM visual token counts M to sweep, comma-separated (default 196,784)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and input dtype (default float32)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
     r = p.add_argument_group("timing")
@@ -376,7 +396,12 @@ def _worker_entry() -> None:
     out = sys.argv[2]
     provider = cfg["provider"]
     try:
-        res = _bench_provider(cfg, provider)
+        if cfg.get("workload") == "ifm":
+            from .bench_ifm import bench_provider
+
+            res = bench_provider(cfg)
+        else:
+            res = _bench_provider(cfg, provider)
     except Exception as e:
         traceback.print_exc()
         res = {"provider": provider, "error": f"{type(e).__name__}: {e}"}
@@ -497,28 +522,44 @@ def _table(rows: List[Dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- driver
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark for parsed ``args``; returns the exit code."""
+    """Run the benchmark(s) of ``args.workload`` for parsed ``args``; returns the exit code."""
     import torch
 
-    from vlssm.profile.flops import qmvl_flops
-
-    t0 = time.time()
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"vlssm bench: error: --device cuda: CUDA is not available (torch {torch.__version__}, "
               f"CUDA build {torch.version.cuda or 'none'})", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    providers = args.providers
-    cfg = {k: getattr(args, k) for k in ("batch", "m", "c", "d", "d_state", "dtype", "device", "reps", "ref_reps",
-                                         "ref_bwd_reps", "warmup", "budget", "threads", "seed", "shared_labels",
-                                         "memory")}
-    cfg["t0"] = t0
     try:  # fail early, before any timing, on an unwritable --out
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         print(f"vlssm bench: error: --out {args.out!r}: {e}", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rc = 0
+    if args.workload in ("all", "qmvl"):
+        rc = max(rc, _run_qmvl(args))
+    if args.workload in ("all", "ifm"):
+        if args.workload == "all":
+            print()
+        from .bench_ifm import run as run_ifm
+
+        rc = max(rc, run_ifm(args))
+    return rc
+
+
+def _run_qmvl(args: argparse.Namespace) -> int:
+    """The QMVL benchmark; returns the exit code."""
+    import torch
+
+    from vlssm.profile.flops import qmvl_flops
+
+    t0 = time.time()
+    providers = args.providers
+    cfg = {k: getattr(args, k) for k in ("batch", "m", "c", "d", "d_state", "dtype", "device", "reps", "ref_reps",
+                                         "ref_bwd_reps", "warmup", "budget", "threads", "seed", "shared_labels",
+                                         "memory")}
+    cfg["t0"] = t0
 
     env = _env_columns(cfg)
     shape = (f"B={args.batch} M={args.m} C={args.c} d={args.d} d_state={args.d_state} {args.dtype} "
