@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._op import INTERPRET, kernel_op, launch
 
-__all__ = ["attention_with_probs_triton", "attention_with_probs_triton_backward"]
+__all__ = ["attention_with_probs_triton", "attention_with_probs_backward_triton"]
 
 
 @triton.jit
@@ -211,8 +211,8 @@ def attention_with_probs_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out, probs
 
 
-@kernel_op("vlssm::attention_with_probs_triton_backward")
-def attention_with_probs_triton_backward(dout: torch.Tensor, dprobs: Optional[torch.Tensor], q: torch.Tensor,
+@kernel_op("vlssm::attention_with_probs_backward_triton")
+def attention_with_probs_backward_triton(dout: torch.Tensor, dprobs: Optional[torch.Tensor], q: torch.Tensor,
                                          k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor,
                                          scale: float) -> List[torch.Tensor]:
     n, Lq, d, Lk, dv = _check(q, k, v, scale)
@@ -263,10 +263,10 @@ def _backward(ctx, dout, dprobs):
     q, k, v, probs = ctx.saved_tensors
     if dout is None:  # only probs was used
         dout = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
-    dq, dk, dv = torch.ops.vlssm.attention_with_probs_triton_backward(dout, dprobs, q, k, v, probs, ctx.scale)
+    dq, dk, dv = torch.ops.vlssm.attention_with_probs_backward_triton(dout, dprobs, q, k, v, probs, ctx.scale)
     return dq, dk, dv, None
 
 
 torch.library.register_fake("vlssm::attention_with_probs_triton")(_fake)
-torch.library.register_fake("vlssm::attention_with_probs_triton_backward")(_fake_backward)
+torch.library.register_fake("vlssm::attention_with_probs_backward_triton")(_fake_backward)
 torch.library.register_autograd("vlssm::attention_with_probs_triton", _backward, setup_context=_setup_context)

@@ -125,6 +125,16 @@ def collect(probe_cuda: bool = True) -> Dict[str, Any]:
         ext_info["error"] = _backend.extension_error()
     info["extension"] = ext_info
 
+    kernels = _backend.load_kernels() if _backend.triton_available() else None
+    tk: Dict[str, Any] = {"loaded": kernels is not None, "interpreter": _backend.triton_interpreting()}
+    if kernels is not None:
+        tk["path"] = os.path.dirname(os.path.abspath(kernels.__file__))
+        tk["ops"] = sorted(n for n in torch._C._dispatch_get_all_op_names()
+                           if n.startswith("vlssm::") and "_triton" in n)
+    else:
+        tk["error"] = _backend.kernels_error()
+    info["triton_kernels"] = tk
+
     info["cpu"] = {
         "model": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -182,6 +192,13 @@ def format_report(info: Dict[str, Any]) -> str:
         add("extension vlssm._C", f"NOT loaded: {ext['error']}")
         add("", "-> the pure-PyTorch reference backend is used (slow); rebuild with "
                 "`pip install --no-build-isolation .`")
+    tk = info["triton_kernels"]
+    if tk["loaded"]:
+        mode = "TRITON_INTERPRET=1: CPU tensors, interpreted" if tk["interpreter"] else "CUDA tensors"
+        add("Triton kernels", f"loaded from {tk['path']} ({mode})")
+        add("  Triton ops", ", ".join(tk["ops"]) or "none")
+    else:
+        add("Triton kernels", f"not loaded: {tk['error']}")
     c = info["cpu"]
     add("CPU", f"{c['model']}  ({c['cpu_count']} logical CPUs)")
     add("CPU threads", f"torch {c['torch_threads']} intra-op, {c['torch_interop_threads']} inter-op")

@@ -1,6 +1,6 @@
 """Tests of vlssm.ops.attention_with_probs and its raw ops
 torch.ops.vlssm.attention_with_probs{,_backward} (cpu) and
-torch.ops.vlssm.attention_with_probs_triton{,_backward} (Triton; interpreted on
+torch.ops.vlssm.attention_with_probs{,_backward}_triton (Triton; interpreted on
 CPU tensors when there is no GPU, so the Triton shapes stay tiny).
 
 Ground truth: vlssm.reference.attention_with_probs_ref in float64 on the same
@@ -100,7 +100,7 @@ def ref_same(inp, c: Case):
 
 
 RAW = {"cpu": ("attention_with_probs", "attention_with_probs_backward"),
-       "triton": ("attention_with_probs_triton", "attention_with_probs_triton_backward")}
+       "triton": ("attention_with_probs_triton", "attention_with_probs_backward_triton")}
 
 
 def raw_ops(backend):

@@ -8,7 +8,7 @@ Schemas (``torch.ops.vlssm.*``, defined in csrc/attention.cpp)::
 on 3-D (n, L, d) operands of any strides (stride-0 batch included). The map
 ``probs`` is an output and is differentiable: the backward takes ``dout`` and
 ``dprobs``. The Triton backend has the same pair as
-``vlssm::attention_with_probs_triton{,_backward}`` (kernels/attention.py).
+``vlssm::attention_with_probs{,_backward}_triton`` (kernels/attention.py).
 """
 from __future__ import annotations
 
