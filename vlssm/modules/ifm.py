@@ -94,7 +94,10 @@ class LabelAttention(nn.Module):
             q_folded = q @ self.k_proj.weight.view(h, dh, self.d)                   # (h, Lq, d)
             x = ctx.unsqueeze(-3)                                                   # (*b, 1, Lk, d)
             px, probs = ops.attention_with_probs(q_folded, x, x, scale=dh ** -0.5, backend=self.backend)
-            out = px @ self.v_proj.weight.view(h, dh, self.d).transpose(-1, -2)    # (*b, h, Lq, dh)
+            if h == 1:  # one (B Lq, d) x (d, d) GEMM (and one for dW_V), not a batched one per image
+                out = torch.nn.functional.linear(px, self.v_proj.weight)            # (*b, 1, Lq, d)
+            else:
+                out = torch.einsum("...hcd,hed->...hce", px, self.v_proj.weight.view(h, dh, self.d))
         else:
             q = self._split(self.q_proj(query), batch)
             k = self._split(self.k_proj(ctx), batch)
