@@ -1,6 +1,7 @@
 """Backend selection.
 
-Backends: ``"cpu"`` (the compiled C++ kernels of ``vlssm._C``), ``"triton"``
+Backends: ``"cpu"`` (the compiled C++ kernels of ``vlssm._C``), ``"cuda"`` (the
+compiled CUDA kernels of ``vlssm._C``, when it was built with CUDA), ``"triton"``
 (the Triton kernels of :mod:`vlssm.kernels`: CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``), ``"reference"`` (pure PyTorch, :mod:`vlssm.reference`)
 and ``"auto"`` (the default). The ``VLSSM_BACKEND`` environment variable sets
@@ -19,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-BACKENDS = ("auto", "cpu", "triton", "reference")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 # What `auto` tries, best first, per device type (then "reference").
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
@@ -68,6 +69,15 @@ def default_backend() -> str:
     if name not in BACKENDS:
         raise ValueError(f"VLSSM_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
+
+
+def cuda_kernels_built() -> bool:
+    """Whether ``vlssm._C`` was built with its CUDA kernels (a dispatcher lookup:
+    it never probes the GPU)."""
+    if "cuda_kernels" not in _state:
+        _state["cuda_kernels"] = extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "vlssm::selective_scan", "CUDA")
+    return _state["cuda_kernels"]
 
 
 def triton_available() -> bool:
@@ -152,6 +162,16 @@ def _usable(name: str, device: torch.device) -> Optional[str]:
             return (f"backend='cpu' needs the compiled extension vlssm._C, which failed to import: "
                     f"{extension_error()}. Rebuild with `pip install --no-build-isolation .`")
         return None
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' runs the compiled CUDA kernels; the tensors are on {device}"
+        if not extension_available():
+            return (f"backend='cuda' needs the compiled extension vlssm._C, which failed to import: "
+                    f"{extension_error()}. Rebuild with `pip install --no-build-isolation .`")
+        if not cuda_kernels_built():
+            return ("backend='cuda': vlssm._C was built without its CUDA kernels (torch without CUDA, "
+                    "no nvcc, or VLSSM_SKIP_CUDA at build time); rebuild with CUDA_HOME set")
+        return None
     if name == "triton":
         if not triton_available():
             return "backend='triton' needs the triton package"
@@ -182,7 +202,7 @@ def resolve_backend(backend: Optional[str], device: torch.device,
             raise ValueError(f"{op} has no {name!r} backend; it has {tuple(implemented)}")
         why = _usable(name, device)
         if why is not None:
-            raise (RuntimeError if name == "cpu" and device.type == "cpu" else ValueError)(why)
+            raise (RuntimeError if name == device.type and name in ("cpu", "cuda") else ValueError)(why)
         return name
     for cand in _AUTO_ORDER.get(device.type, ()):
         if cand in implemented and _usable(cand, device) is None:

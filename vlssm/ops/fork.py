@@ -22,6 +22,9 @@ from ..reference import fork_conv1d_ref, fork_scan_ref
 from . import _checks
 from ._schema import num_checkpoints
 
+#: Backends these ops have ("cuda" when vlssm._C was built with CUDA).
+IMPLEMENTED = ("cpu", "cuda", "reference")
+
 __all__ = ["fork_conv1d", "fork_scan"]
 
 
@@ -45,7 +48,7 @@ def fork_conv1d(
         weight: (E, K) depthwise kernel (``conv1d.weight[:, 0, :]``); tap K-1
             multiplies the current token. Same dtype as the inputs.
         bias: (E,) or None.
-        backend: None, "auto", "cpu" or "reference".
+        backend: None, "auto", "cpu", "cuda" or "reference".
 
     Returns:
         (b, p + 2s, E): ``[prefix | suffix in [P, S] | suffix in [P, rev S]]``,
@@ -62,7 +65,7 @@ def fork_conv1d(
     _checks.like("weight", weight, "x_prefix", x_prefix, (E, weight.shape[1]), "(dim, d_conv)")
     if bias is not None:
         _checks.like("bias", bias, "x_prefix", x_prefix, (E,), "(dim,)")
-    if _backend.resolve_backend(backend, x_prefix.device) == "reference":
+    if _backend.resolve_backend(backend, x_prefix.device, implemented=IMPLEMENTED, op="fork_conv1d") == "reference":
         return fork_conv1d_ref(x_prefix, x_suffix, weight, bias)
     return torch.ops.vlssm.fork_conv1d(x_prefix, x_suffix, weight, bias)
 
@@ -102,7 +105,7 @@ def fork_scan(
             batch-broadcast view is read without a copy.
         prefix_len: p >= 0; ``u.shape[1] - p`` must be even and positive.
         delta_softplus: softplus on delta + delta_bias.
-        backend: None, "auto", "cpu" or "reference".
+        backend: None, "auto", "cpu", "cuda" or "reference".
 
     Returns:
         (b, s, E) in u's dtype.
@@ -131,7 +134,7 @@ def fork_scan(
     if delta_bias is not None:
         delta_bias = _checks.param("delta_bias", delta_bias, "u", u, (E,), "(dim,)")
     _checks.flag("delta_softplus", delta_softplus)
-    if _backend.resolve_backend(backend, u.device) == "reference":
+    if _backend.resolve_backend(backend, u.device, implemented=IMPLEMENTED, op="fork_scan") == "reference":
         return fork_scan_ref(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus)
     return torch.ops.vlssm.fork_scan(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus)[0]
 

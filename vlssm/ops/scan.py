@@ -19,6 +19,9 @@ from ..reference import selective_scan_ref
 from . import _checks
 from ._schema import num_checkpoints
 
+#: Backends these ops have ("cuda" when vlssm._C was built with CUDA).
+IMPLEMENTED = ("cpu", "cuda", "reference")
+
 __all__ = ["selective_scan"]
 
 
@@ -56,7 +59,7 @@ def selective_scan(
         return_last_state: also return the final state (b, D, N).
         reverse: scan from the last token to the first, without a copy.
         initial_state: (b, D, N) state before the first scanned token, or None (zeros).
-        backend: None (``VLSSM_BACKEND`` or "auto"), "auto", "cpu" or "reference".
+        backend: None (``VLSSM_BACKEND`` or "auto"), "auto", "cpu", "cuda" or "reference".
 
     Parameters (A, D, delta_bias, initial_state) may have any floating dtype; they
     are used in float32 (float64 when u is float64), as is the state.
@@ -84,7 +87,7 @@ def selective_scan(
     _checks.flag("delta_softplus", delta_softplus)
     _checks.flag("reverse", reverse)
 
-    if _backend.resolve_backend(backend, u.device) == "reference":
+    if _backend.resolve_backend(backend, u.device, implemented=IMPLEMENTED, op="selective_scan") == "reference":
         return selective_scan_ref(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
             reverse=reverse, initial_state=initial_state,
