@@ -133,12 +133,32 @@ def _provider_list(s: str) -> List[str]:
     return list(dict.fromkeys(names))  # de-duplicated, order kept
 
 
+def _gpu_provider_list(s: str) -> List[str]:
+    from .bench_gpu import GPU_PROVIDERS
+
+    names = [p.strip().lower() for p in s.split(",") if p.strip()]
+    bad = [p for p in names if p not in GPU_PROVIDERS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(GPU_PROVIDERS)}, got {s!r}")
+    return list(dict.fromkeys(names))
+
+
+def _dtype_list(s: str) -> List[str]:
+    names = [p.strip().lower() for p in s.split(",") if p.strip()]
+    if not names or any(n not in DTYPES for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(DTYPES)}, got {s!r}")
+    return list(dict.fromkeys(names))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the benchmark's options to ``p`` (shared by ``vlssm bench`` and the scripts)."""
+    from .bench_gpu import GPU_PROVIDERS
+
     p.add_argument("--workload", choices=("all", "qmvl", "ifm"), default="all",
                    help="what to benchmark: the QMVL layer, the IFM sweep, or both (default all)")
     g = p.add_argument_group("shape")
-    g.add_argument("--batch", type=_positive_int, default=4, help="images per batch B (default 4)")
+    g.add_argument("--batch", type=_positive_int, default=None,
+                   help="images per batch B (default 4 on cpu, 32 on cuda)")
     g.add_argument("--m", type=_positive_int, default=196, help="visual tokens M (default 196)")
     g.add_argument("--c", type=_positive_int, default=80, help="label tokens C (default 80)")
     g.add_argument("--d", type=_positive_int, default=512, help="token width d_model (default 512)")
@@ -152,6 +172,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="IFM visual token counts M to sweep, comma-separated (default 196,784)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and input dtype (default float32)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
+    gp = p.add_argument_group("GPU sweep (--device cuda; see vlssm.bench_gpu)")
+    gp.add_argument("--gpu-providers", type=_gpu_provider_list, default=list(GPU_PROVIDERS),
+                    help=f"comma list of {','.join(GPU_PROVIDERS)} (default all; mamba-ssm only where it imports)")
+    gp.add_argument("--gpu-m", type=_int_list, default=[196, 784], help="visual token counts M (default 196,784)")
+    gp.add_argument("--gpu-c", type=_int_list, default=[20, 80], help="label counts C (default 20,80)")
+    gp.add_argument("--gpu-dtypes", type=_dtype_list, default=["float32", "bfloat16"],
+                    help="comma list of dtypes (default float32,bfloat16)")
     r = p.add_argument_group("timing")
     r.add_argument("--providers", type=_provider_list, default=list(PROVIDERS),
                    help="comma list of fused,unfused,reference (default all three)")
@@ -536,9 +563,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch is None:
+        args.batch = 32 if args.device == "cuda" else 4
     rc = 0
     if args.workload in ("all", "qmvl"):
-        rc = max(rc, _run_qmvl(args))
+        if args.device == "cuda":
+            from .bench_gpu import run as run_gpu
+
+            rc = max(rc, run_gpu(args))
+        else:
+            rc = max(rc, _run_qmvl(args))
     if args.workload in ("all", "ifm"):
         if args.workload == "all":
             print()
