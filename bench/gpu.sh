@@ -17,8 +17,9 @@
 # benchmark's mamba-ssm provider and the oracle test run when that build finishes in
 # time (VLSSM_GPU_MAMBA_WAIT seconds, default 420), else the results say it did not.
 #
-# Everything lands under $OUT (default bench/results/gpu-run/): env.txt, build.log,
-# resources.txt (registers / spills per kernel), tests.log, bench.log and the CSVs.
+# Everything lands under $OUT (default bench/results/gpu-run/), at most 8 files (what a
+# lent machine sends back): env.txt (versions, registers / spills per kernel), build.log,
+# mamba-build.log, tests.log, bench.log and the QMVL, fork_scan and IFM CSVs.
 # Knobs: TORCH_CUDA_ARCH_LIST (default: the GPU's own arch, to save lease time; the
 # package default is sm_80 + sm_90), MAX_JOBS, GPU_SH_SKIP (words: tests bench mamba).
 set -uo pipefail
@@ -97,7 +98,8 @@ if [ $BUILD_RC -ne 0 ]; then
     tail -40 "$OUT/build.log"
     exit 1
 fi
-cuobjdump --dump-resource-usage vlssm/_C*.so 2>&1 | grep -E "Function|REG|STACK|LOCAL" >"$OUT/resources.txt" || true
+{ echo "--- registers / stack / spills per kernel (cuobjdump)"
+  cuobjdump --dump-resource-usage vlssm/_C*.so 2>&1 | grep -E "Function|REG|STACK|LOCAL"; } >>"$OUT/env.txt" || true
 $PY -c "import torch, vlssm.ops; from vlssm import _backend; print('cuda kernels registered:', _backend.cuda_kernels_built()); print('triton kernels:', _backend.load_kernels() is not None, _backend.kernels_error() or '')" | tee -a "$OUT/env.txt"
 
 # ---------------------------------------------------------------- GPU tests
@@ -128,6 +130,9 @@ if [[ $SKIP != *" bench "* ]]; then
     $PY -m vlssm.cli bench --device cuda --workload qmvl --out "$OUT" --reps "${BENCH_REPS:-20}" \
         >"$OUT/bench.log" 2>&1
     BENCH_RC=$?
+    say "benchmark: vlssm bench --device cuda --workload ifm (kernel launches per IFM forward)"
+    $PY -m vlssm.cli bench --device cuda --workload ifm --ifm-c 20,80 --ifm-m 196,784 --no-memory --out "$OUT" \
+        >>"$OUT/bench.log" 2>&1 || BENCH_RC=$?
 fi
 
 echo
