@@ -180,7 +180,7 @@ def _launch(x_prefix, x_suffix, weight, bias, y, g, dw, db, backward: bool, bl: 
     xp = x_prefix if p > 0 else x_suffix  # an empty prefix is never read
     grid = (b, triton.cdiv(p + 2 * s, bl), triton.cdiv(E, be))
     launch(_conv_fwd_kernel)[grid](
-        xp, x_suffix, weight, weight if bias is None else bias, y, g, dw, db, p, s, E, K,
+        xp, x_suffix, weight, weight if bias is None else bias.contiguous(), y, g, dw, db, p, s, E, K,
         xp.stride(0), xp.stride(1), xp.stride(2), x_suffix.stride(0), x_suffix.stride(1), x_suffix.stride(2),
         weight.stride(0), weight.stride(1), y.stride(0), y.stride(1), y.stride(2),
         HAS_BIAS=bias is not None, BACKWARD=backward, BLOCK_L=bl, BLOCK_E=be,
