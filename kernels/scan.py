@@ -407,6 +407,10 @@ def _params(A, D, delta_bias):
 
 
 def _launch_fwd(u, delta, A, B, C, D, z, delta_bias, h0, out, ysum, last, ck, fork, reverse, softplus, p, s):
+    """Runs the forward kernel into out, ysum (fork) or last (selective_scan), ck.
+
+    selective_scan: p = L, s = 0, ysum None; fork_scan: prefix p, suffix s, last unused.
+    """
     b, dim, N = out.shape[0], A.shape[0], A.shape[1]
     bd, bn = _blocks(dim, N, u.dtype)
     Ac, Dp, bp = _params(A, D, delta_bias)
@@ -454,8 +458,10 @@ def _launch_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ysum, ck, fork
         CHUNK=CHECKPOINT_CHUNK,
     )
     # Fixed-order reductions: over channel blocks (dB, dC), over batch (dA, dD, dbias).
-    dB, dC = ((q.view(bsz, nblk, L, N).sum(1) if fork else q.view(bsz, nblk, L, N).sum(1).transpose(1, 2))
-              .to(u.dtype).contiguous() for q in part)
+    dB, dC = (q.view(bsz, nblk, L, N).sum(1) for q in part)           # (b, L, N)
+    if not fork:
+        dB, dC = dB.transpose(1, 2), dC.transpose(1, 2)
+    dB, dC = dB.to(u.dtype).contiguous(), dC.to(u.dtype).contiguous()
     dD = dDp[0].sum(0) if D is not None else u.new_empty((0,), dtype=acc)
     dbias = dDp[1].sum(0) if delta_bias is not None else u.new_empty((0,), dtype=acc)
     return du, ddelta, dAp.sum(0), dB, dC, dD, dz, dbias, dh0
