@@ -9,3 +9,5 @@ makes them contiguous first: a stride-0 gradient (from ``.sum()``) is common.
 """
 from . import attention  # noqa: E402,F401
 from . import ifm_ops  # noqa: E402,F401
+from . import fork_conv1d  # noqa: E402,F401
+from . import scan  # noqa: E402,F401

@@ -28,6 +28,22 @@ HAS_EXT = _backend.load_extension() is not None
 EXT_SKIP_REASON = f"compiled extension vlssm._C is not importable: {_backend.extension_error()}"
 requires_ext = pytest.mark.skipif(not HAS_EXT, reason=EXT_SKIP_REASON)
 
+#: The Triton kernels run under the interpreter (CPU tensors): about 0.2 ms per
+#: block operation, so the tests give them only their smallest cases.
+TRITON_INTERPRETED = _backend.triton_interpreting()
+
+
+def triton_reason() -> Optional[str]:
+    """Why backend="triton" cannot run on CPU tensors here, or None."""
+    return _backend._usable("triton", torch.device("cpu"))
+
+
+def skip_slow_triton(backend: str, small: bool) -> None:
+    """Skip a case that is not ``small`` on the interpreted Triton backend (a GPU runs them all)."""
+    if backend == "triton" and TRITON_INTERPRETED and not small:
+        pytest.skip("too slow for the Triton interpreter; runs on a GPU")
+
+
 #: Norm-wise relative tolerance of the forward of a kernel vs the float64 reference.
 FWD_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 #: Norm-wise relative tolerance of every gradient vs the float64 reference autograd.

@@ -30,6 +30,17 @@ def cpu_backend() -> str:
     return "cpu"
 
 
+@pytest.fixture(params=["cpu", "triton"])
+def kernel_backend(request) -> str:
+    """Each compiled kernel backend in turn: "cpu" (vlssm._C) and "triton" (vlssm.kernels,
+    interpreted on CPU tensors); skips the one that is missing."""
+    if request.param == "cpu" and not T.HAS_EXT:
+        pytest.skip(T.EXT_SKIP_REASON)
+    if request.param == "triton" and T.triton_reason() is not None:
+        pytest.skip(T.triton_reason())
+    return request.param
+
+
 @pytest.fixture
 def restore_threads():
     n = torch.get_num_threads()

@@ -69,8 +69,22 @@ def ref64(inp):
     return fork_conv1d_ref(a["x_prefix"], a["x_suffix"], a["weight"], a["bias"])
 
 
-def raw(inp):
-    return torch.ops.vlssm.fork_conv1d(inp["x_prefix"], inp["x_suffix"], inp["weight"], inp["bias"])
+#: The raw (forward, backward) op names of each kernel backend.
+RAW_OPS = {"cpu": ("fork_conv1d", "fork_conv1d_backward"),
+           "triton": ("fork_conv1d_triton", "fork_conv1d_backward_triton")}
+
+
+def raw_op(backend: str, backward: bool = False):
+    return getattr(torch.ops.vlssm, RAW_OPS[backend][backward])
+
+
+def _small(c: Case) -> bool:
+    """Cheap enough for the Triton interpreter: one block of channels, few outputs."""
+    return c.E <= 64 and c.b * (c.p + 2 * c.s) * c.E <= 2000
+
+
+def raw(inp, backend="cpu"):
+    return raw_op(backend)(inp["x_prefix"], inp["x_suffix"], inp["weight"], inp["bias"])
 
 
 # --------------------------------------------------------------------------
@@ -106,9 +120,10 @@ def test_reference_segments_are_the_two_sequences(seed):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("c", FWD_CASES, ids=_id)
-def test_forward(c, dtype, seed, cpu_backend):
+def test_forward(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c))
     inp = c.inputs(seed, dtype)
-    y = run(inp, cpu_backend)
+    y = run(inp, kernel_backend)
     ref = ref64(inp)
     assert y.dtype == dtype and y.shape == (c.b, c.p + 2 * c.s, c.E)
     T.assert_rel("y", y, ref, T.FWD_TOL[dtype])
@@ -117,23 +132,24 @@ def test_forward(c, dtype, seed, cpu_backend):
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("c", HALF_CASES, ids=_id)
-def test_forward_half(c, dtype, seed, cpu_backend):
+def test_forward_half(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c))
     inp = c.inputs(seed, dtype)
-    y = run(inp, cpu_backend)
+    y = run(inp, kernel_backend)
     assert y.dtype == dtype
     T.assert_half_rule("y", y, fork_conv1d_ref(**inp), ref64(inp))
     T.assert_elementwise("y", y, ref64(inp), 2e-2, 2e-2)
 
 
 @pytest.mark.parametrize("c", [FWD_CASES[2], FWD_CASES[7], Case(3, 40, 33, 70, 4, True)], ids=_id)
-def test_raw_op_writes_every_element(c, seed, cpu_backend):
+def test_raw_op_writes_every_element(c, seed, kernel_backend):
     inp = c.inputs(seed, F32)
     like = torch.empty(c.b, c.p + 2 * c.s, c.E)
     T.poison_allocator(like)
-    y = raw(inp)
+    y = raw(inp, kernel_backend)
     T.assert_elementwise("y", y, ref64(inp), 1e-5, 1e-6)
     T.poison_allocator(like)
-    assert torch.equal(raw(inp), y)
+    assert torch.equal(raw(inp, kernel_backend), y)
 
 
 # --------------------------------------------------------------------------
@@ -150,8 +166,9 @@ def _grads(c, dtype, seed, backend):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("c", GRAD_CASES, ids=_id)
-def test_gradients(c, dtype, seed, cpu_backend):
-    inp, grads, rgrads = _grads(c, dtype, seed, cpu_backend)
+def test_gradients(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c))
+    inp, grads, rgrads = _grads(c, dtype, seed, kernel_backend)
     assert set(grads) == {k for k, v in inp.items() if v is not None}
     bad = []
     for k, gk in grads.items():
@@ -166,11 +183,11 @@ def test_gradients(c, dtype, seed, cpu_backend):
 
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
-def test_gradients_half(dtype, seed, cpu_backend):
+def test_gradients_half(dtype, seed, kernel_backend):
     c = Case(2, 5, 6, 9, 4, True)
     inp = c.inputs(seed, dtype)
     cot = [T.randn(T.gen(seed + 7), c.b, c.p + 2 * c.s, c.E, dtype=dtype)]
-    _, grads = T.grads_of(lambda **a: run(a, cpu_backend), inp, cot)
+    _, grads = T.grads_of(lambda **a: run(a, kernel_backend), inp, cot)
     _, same = T.grads_of(lambda **a: fork_conv1d_ref(**a), inp, cot)
     _, exact = T.grads_of(lambda **a: ref64(a), T.up_all(inp), cot)
     for k in grads:
@@ -187,18 +204,20 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("c", GRADCHECK_CASES, ids=_id)
-def test_gradcheck(c, seed, cpu_backend):
+def test_gradcheck(c, seed, kernel_backend):
     inp = c.inputs(seed, F64)
     names = [k for k in T.CONV_KEYS if inp[k] is not None and inp[k].numel() > 0]
     leaves = [inp[k].clone().requires_grad_(True) for k in names]
 
     def fn(*xs):
-        return run(dict(inp, **dict(zip(names, xs))), cpu_backend)
+        return run(dict(inp, **dict(zip(names, xs))), kernel_backend)
 
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+    # the interpreted Triton kernels: one random direction per input instead of the full Jacobian
+    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast)
 
 
-def test_gradcheck_batch_broadcast_suffix(seed, cpu_backend):
+def test_gradcheck_batch_broadcast_suffix(seed, kernel_backend):
     """x_suffix = t.expand(b, s, E) (stride 0): the gradient reaches t summed over the batch."""
     c = Case(3, 2, 3, 2, 4, True)
     inp = c.inputs(seed, F64)
@@ -208,9 +227,10 @@ def test_gradcheck_batch_broadcast_suffix(seed, cpu_backend):
     def fn(xp, t):
         xs = t.expand(c.b, c.s, c.E)
         assert xs.stride(0) == 0
-        return run(dict(inp, x_prefix=xp, x_suffix=xs), cpu_backend)
+        return run(dict(inp, x_prefix=xp, x_suffix=xs), kernel_backend)
 
-    assert torch.autograd.gradcheck(fn, (xp, t), eps=1e-6, atol=1e-7, rtol=1e-6)
+    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
+    assert torch.autograd.gradcheck(fn, (xp, t), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast)
 
 
 # --------------------------------------------------------------------------
@@ -232,31 +252,31 @@ OPCHECK_CASES = [
 
 @pytest.mark.parametrize("c,dtype,requires_grad", OPCHECK_CASES,
                          ids=[f"{_id(c)}-{d}-{'grad' if r else 'nograd'}" for c, d, r in OPCHECK_CASES])
-def test_opcheck_forward(c, dtype, requires_grad, seed, cpu_backend):
+def test_opcheck_forward(c, dtype, requires_grad, seed, kernel_backend):
     inp = c.inputs(seed, dtype)
     args = [None if inp[k] is None else inp[k].clone().requires_grad_(requires_grad) for k in T.CONV_KEYS]
-    _opcheck(torch.ops.vlssm.fork_conv1d.default, tuple(args))
+    _opcheck(raw_op(kernel_backend).default, tuple(args))
 
 
 @pytest.mark.parametrize("c,dtype", [(Case(2, 3, 2, 5, 4, True), F32), (Case(1, 0, 3, 4, 4, False), F64),
                                      (Case(2, 2, 1, 3, 3, False), F32)], ids=["bias-f32", "p0-f64", "nobias-f32"])
-def test_opcheck_backward(c, dtype, seed, cpu_backend):
+def test_opcheck_backward(c, dtype, seed, kernel_backend):
     inp = c.inputs(seed, dtype)
     dy = T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E, dtype=dtype)
-    _opcheck(torch.ops.vlssm.fork_conv1d_backward.default, (dy, *[inp[k] for k in T.CONV_KEYS]))
+    _opcheck(raw_op(kernel_backend, True).default, (dy, *[inp[k] for k in T.CONV_KEYS]))
 
 
 @pytest.mark.parametrize("api", ["public", "raw"])
-def test_compile_fullgraph_aot_eager(api, seed, cpu_backend, clean_env):
+def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
     c = Case(2, 3, 4, 5, 4, True)
     inp = c.inputs(seed, F32)
     names = list(T.CONV_KEYS)
 
     def fn(xp, xs, w, bias):
         if api == "public":
-            y = ops.fork_conv1d(xp, xs, w, bias)
+            y = ops.fork_conv1d(xp, xs, w, bias, backend=kernel_backend)
         else:
-            y = torch.ops.vlssm.fork_conv1d(xp, xs, w, bias)
+            y = raw_op(kernel_backend)(xp, xs, w, bias)
         return (y * y.sum(-1, keepdim=True),)
 
     leaves_e = [inp[k].clone().requires_grad_(True) for k in names]
@@ -293,7 +313,7 @@ def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_t
         assert torch.equal(a, d), f"result {i} differs between 2 threads and 1 thread"
 
 
-def test_noncontiguous_inputs(seed, cpu_backend):
+def test_noncontiguous_inputs(seed, kernel_backend):
     """Slices of a token-major in_proj output, channel-major storage, strided weight / bias."""
     c = Case(2, 6, 5, 7, 4, True)
     inp = c.inputs(seed, F32)
@@ -309,32 +329,32 @@ def test_noncontiguous_inputs(seed, cpu_backend):
     for k, v in nc.items():
         assert torch.equal(v, inp[k]) and not v.is_contiguous(), k
     cot = [T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E)]
-    outs, grads = T.grads_of(lambda **a: run(a, cpu_backend), inp, cot)
-    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, cpu_backend), nc, cot, copy=False)
+    outs, grads = T.grads_of(lambda **a: run(a, kernel_backend), inp, cot)
+    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, kernel_backend), nc, cot, copy=False)
     assert torch.equal(outs_nc[0], outs[0])
     for k in grads:
         assert torch.equal(grads_nc[k], grads[k]), f"d{k} differs from the contiguous result"
 
 
-def test_batch_broadcast_suffix(seed, cpu_backend):
+def test_batch_broadcast_suffix(seed, kernel_backend):
     c = Case(4, 3, 6, 9, 4, True)
     inp = c.inputs(seed, F32)
     t = inp["x_suffix"][:1]
     expanded = t.expand(c.b, c.s, c.E)
     assert expanded.stride(0) == 0
-    y = run(dict(inp, x_suffix=expanded), cpu_backend)
-    y_dense = run(dict(inp, x_suffix=expanded.contiguous()), cpu_backend)
+    y = run(dict(inp, x_suffix=expanded), kernel_backend)
+    y_dense = run(dict(inp, x_suffix=expanded.contiguous()), kernel_backend)
     assert torch.equal(y, y_dense)
     T.assert_rel("y", y, ref64(dict(inp, x_suffix=expanded)), 1e-5)
 
 
-def test_prefix_empty_any_layout(seed, cpu_backend):
+def test_prefix_empty_any_layout(seed, kernel_backend):
     """p = 0: an empty x_prefix of any strides gives the conv of S and of rev S."""
     c = Case(2, 0, 5, 4, 4, True)
     inp = c.inputs(seed, F32)
-    y = run(inp, cpu_backend)
+    y = run(inp, kernel_backend)
     odd = torch.empty(c.b, c.E, 0).transpose(1, 2)
-    assert torch.equal(run(dict(inp, x_prefix=odd), cpu_backend), y)
+    assert torch.equal(run(dict(inp, x_prefix=odd), kernel_backend), y)
     T.assert_rel("y", y, T.literal_fork_conv1d(**inp), 1e-5)
 
 
@@ -342,10 +362,10 @@ def test_prefix_empty_any_layout(seed, cpu_backend):
 # Backends
 
 
-def test_backends_agree(seed, cpu_backend):
+def test_backends_agree(seed, kernel_backend):
     c = Case(2, 9, 6, 11, 4, True)
     inp = c.inputs(seed, F32)
-    T.assert_rel("y", run(inp, "cpu"), run(inp, "reference"), 1e-5)
+    T.assert_rel("y", run(inp, kernel_backend), run(inp, "reference"), 1e-5)
 
 
 def test_default_backend_selection(seed, cpu_backend, clean_env):
@@ -414,12 +434,14 @@ def _apply_bad(spec):
     return inp
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("spec", BAD, ids=[s[0] for s in BAD])
 def test_bad_input(spec, backend):
     _, exc, name, over = spec
     if backend == "cpu" and not T.HAS_EXT:
         pytest.skip(T.EXT_SKIP_REASON)
+    if backend == "triton" and T.triton_reason() is not None:
+        pytest.skip(T.triton_reason())
     msg = T.check_raises(exc, name, run, _apply_bad(over), backend)
     assert T.first_named(msg, ARG_NAMES) == name, f"first argument named should be {name!r}: {msg!r}"
 
@@ -435,12 +457,12 @@ def test_bad_backend():
     (dict(bias=torch.randn(NE + 2)), "bias", ValueError),
     (dict(bias=torch.empty(NE, device="meta")), "bias", (ValueError, RuntimeError)),
 ], ids=["weight-f64", "x_suffix-dim", "x_suffix-empty", "bias-size", "bias-meta"])
-def test_raw_op_bad_input(over, name, exc, cpu_backend):
+def test_raw_op_bad_input(over, name, exc, kernel_backend):
     inp = dict(_valid(), **over)
-    T.check_raises(exc, name, raw, inp)
+    T.check_raises(exc, name, raw, inp, kernel_backend)
 
 
-def test_raw_backward_checks_dy(seed, cpu_backend):
+def test_raw_backward_checks_dy(seed, kernel_backend):
     inp = _valid()
     dy = torch.randn(NB, NP + 2 * NS - 1, NE)
-    T.check_raises(ValueError, "dy", torch.ops.vlssm.fork_conv1d_backward, dy, *[inp[k] for k in T.CONV_KEYS])
+    T.check_raises(ValueError, "dy", raw_op(kernel_backend, True), dy, *[inp[k] for k in T.CONV_KEYS])

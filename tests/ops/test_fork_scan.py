@@ -84,8 +84,21 @@ def ref64(inp, c: Case, **over):
                          c.softplus)
 
 
-def raw(inp, c: Case):
-    return torch.ops.vlssm.fork_scan(*[inp[k] for k in T.FORK_KEYS], c.p, c.softplus)
+#: The raw (forward, backward) op names of each kernel backend.
+RAW_OPS = {"cpu": ("fork_scan", "fork_scan_backward"), "triton": ("fork_scan_triton", "fork_scan_backward_triton")}
+
+
+def raw_op(backend: str, backward: bool = False):
+    return getattr(torch.ops.vlssm, RAW_OPS[backend][backward])
+
+
+def _small(c: Case, steps: int = 140) -> bool:
+    """Cheap enough for the Triton interpreter: scan steps times blocks of 64 channels."""
+    return c.b * c.L * -(-c.E // 64) <= steps
+
+
+def raw(inp, c: Case, backend="cpu"):
+    return raw_op(backend)(*[inp[k] for k in T.FORK_KEYS], c.p, c.softplus)
 
 
 # --------------------------------------------------------------------------
@@ -105,9 +118,10 @@ def test_reference_matches_literal(c, seed):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("c", FWD_CASES, ids=_id)
-def test_forward(c, dtype, seed, cpu_backend):
+def test_forward(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c))
     inp = c.inputs(seed, dtype)
-    out = run(inp, c, cpu_backend)
+    out = run(inp, c, kernel_backend)
     ref = ref64(inp, c)
     assert out.dtype == dtype and out.shape == (c.b, c.s, c.E)
     T.assert_rel("out", out, ref, T.FWD_TOL[dtype])
@@ -116,9 +130,10 @@ def test_forward(c, dtype, seed, cpu_backend):
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("c", HALF_CASES, ids=_id)
-def test_forward_half(c, dtype, seed, cpu_backend):
+def test_forward_half(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c))
     inp = c.inputs(seed, dtype)
-    out = run(inp, c, cpu_backend)
+    out = run(inp, c, kernel_backend)
     assert out.dtype == dtype
     same = fork_scan_ref(*[inp[k] for k in T.FORK_KEYS], c.p, c.softplus)
     T.assert_half_rule("out", out, same, ref64(inp, c))
@@ -127,20 +142,21 @@ def test_forward_half(c, dtype, seed, cpu_backend):
 
 @pytest.mark.parametrize("c", [FWD_CASES[2], Case(2, 70, 66, 40, 3), Case(1, 0, 3, 5, 2, False, False, False)],
                          ids=_id)
-def test_raw_op_writes_every_element(c, seed, cpu_backend):
+def test_raw_op_writes_every_element(c, seed, kernel_backend):
     """out, ysum (pre-gate sum, accumulation dtype) and checkpoints: finite, right, twice identical."""
+    T.skip_slow_triton(kernel_backend, _small(c))
     inp = c.inputs(seed, F32)
     nck = -(-c.p // 64) + 2 * -(-c.s // 64)
     like = [torch.empty(c.b, c.s, c.E), torch.empty(c.b, c.s, c.E), torch.empty(c.b, c.E, nck, c.N)]
     T.poison_allocator(*like)
-    out, ysum, ck = raw(inp, c)
+    out, ysum, ck = raw(inp, c, kernel_backend)
     assert ysum.dtype == F32 and ysum.shape == (c.b, c.s, c.E)
     assert ck.dtype == F32 and ck.shape == (c.b, c.E, nck, c.N)
     assert torch.isfinite(ck).all()
     T.assert_elementwise("out", out, ref64(inp, c), 1e-4, 1e-5)
     T.assert_elementwise("ysum", ysum, ref64(inp, c, z=None), 1e-4, 1e-5)
     T.poison_allocator(*like)
-    out2, ysum2, ck2 = raw(inp, c)
+    out2, ysum2, ck2 = raw(inp, c, kernel_backend)
     assert torch.equal(out, out2) and torch.equal(ysum, ysum2) and torch.equal(ck, ck2)
 
 
@@ -150,10 +166,11 @@ def test_raw_op_writes_every_element(c, seed, cpu_backend):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("c", GRAD_CASES, ids=_id)
-def test_gradients(c, dtype, seed, cpu_backend):
+def test_gradients(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c, 100))
     inp = c.inputs(seed, dtype)
     cot = [T.randn(T.gen(seed + 7), c.b, c.s, c.E, dtype=F64)]
-    _, grads = T.grads_of(lambda **a: run(a, c, cpu_backend), inp, cot)
+    _, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
     _, rgrads = T.grads_of(lambda **a: ref64(a, c), T.up_all(inp), cot)
     assert set(grads) == set(rgrads) == {k for k, v in inp.items() if v is not None}
     bad = []
@@ -169,11 +186,11 @@ def test_gradients(c, dtype, seed, cpu_backend):
 
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
-def test_gradients_half(dtype, seed, cpu_backend):
+def test_gradients_half(dtype, seed, kernel_backend):
     c = Case(2, 9, 8, 5, 4)
     inp = c.inputs(seed, dtype)
     cot = [T.randn(T.gen(seed + 7), c.b, c.s, c.E, dtype=dtype)]
-    _, grads = T.grads_of(lambda **a: run(a, c, cpu_backend), inp, cot)
+    _, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
     _, same = T.grads_of(lambda **a: fork_scan_ref(*[a[k] for k in T.FORK_KEYS], c.p, c.softplus), inp, cot)
     _, exact = T.grads_of(lambda **a: ref64(a, c), T.up_all(inp), cot)
     for k in grads:
@@ -195,18 +212,21 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("c", GRADCHECK_CASES, ids=_id)
-def test_gradcheck(c, seed, cpu_backend):
+def test_gradcheck(c, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, c.L < 64)
     inp = c.inputs(seed, F64)
     names = [k for k in T.FORK_KEYS if inp[k] is not None]
     leaves = [inp[k].clone().requires_grad_(True) for k in names]
 
     def fn(*xs):
-        return run(dict(inp, **dict(zip(names, xs))), c, cpu_backend)
+        return run(dict(inp, **dict(zip(names, xs))), c, kernel_backend)
 
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+    # the interpreted Triton kernels: one random direction per input instead of the full Jacobian
+    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
 
 
-def test_gradcheck_batch_broadcast_z(seed, cpu_backend):
+def test_gradcheck_batch_broadcast_z(seed, kernel_backend):
     c = Case(3, 2, 2, 2, 2)
     inp = c.inputs(seed, F64)
     z1 = inp["z"][:1].clone().requires_grad_(True)
@@ -215,9 +235,10 @@ def test_gradcheck_batch_broadcast_z(seed, cpu_backend):
     def fn(u, z1):
         z = z1.expand(c.b, c.s, c.E)
         assert z.stride(0) == 0
-        return run(dict(inp, u=u, z=z), c, cpu_backend)
+        return run(dict(inp, u=u, z=z), c, kernel_backend)
 
-    assert torch.autograd.gradcheck(fn, (u, z1), eps=1e-6, atol=1e-6, rtol=1e-5)
+    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
+    assert torch.autograd.gradcheck(fn, (u, z1), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
 
 
 # --------------------------------------------------------------------------
@@ -263,7 +284,8 @@ def _unfused(xP, xS, z, prm, R, N, backend):
 
 @pytest.mark.parametrize("b,p,s,E,N,R,K", [(2, 7, 5, 6, 4, 2, 4), (1, 0, 3, 3, 2, 1, 4), (2, 2, 4, 5, 3, 2, 4),
                                            (1, 70, 9, 4, 2, 1, 3)], ids=lambda v: str(v))
-def test_fused_pipeline_equals_unfused(b, p, s, E, N, R, K, seed, cpu_backend):
+def test_fused_pipeline_equals_unfused(b, p, s, E, N, R, K, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, p + 2 * s <= 20)
     prm = _pipeline_params(seed, E, N, R, K)
     g = T.gen(seed + 1)
     xP, xS, z = T.randn(g, b, p, E, dtype=F64), T.randn(g, b, s, E, dtype=F64), T.randn(g, b, s, E, dtype=F64)
@@ -271,7 +293,7 @@ def test_fused_pipeline_equals_unfused(b, p, s, E, N, R, K, seed, cpu_backend):
     res = {}
     for name, fn in (("fused", _fused), ("unfused", _unfused)):
         leaves = [t.clone().requires_grad_(True) for t in (xP, xS, z, *prm.values())]
-        out = fn(*leaves[:3], dict(zip(prm, leaves[3:])), R, N, cpu_backend)
+        out = fn(*leaves[:3], dict(zip(prm, leaves[3:])), R, N, kernel_backend)
         grads = torch.autograd.grad((out * cot).sum(), [t for t in leaves if t.numel()])
         res[name] = (out, grads)
     T.assert_rel("out", res["fused"][0], res["unfused"][0], 1e-12)
@@ -299,27 +321,30 @@ OPCHECK_CASES = [
 
 @pytest.mark.parametrize("c,dtype,requires_grad", OPCHECK_CASES,
                          ids=[f"{_id(c)}-{d}-{'grad' if r else 'nograd'}" for c, d, r in OPCHECK_CASES])
-def test_opcheck_forward(c, dtype, requires_grad, seed, cpu_backend):
+def test_opcheck_forward(c, dtype, requires_grad, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, c.L < 64 and requires_grad)
     inp = c.inputs(seed, dtype)
     args = [None if inp[k] is None else inp[k].clone().requires_grad_(requires_grad) for k in T.FORK_KEYS]
-    _opcheck(torch.ops.vlssm.fork_scan.default, (*args, c.p, c.softplus))
+    _opcheck(raw_op(kernel_backend).default, (*args, c.p, c.softplus))
 
 
 @pytest.mark.parametrize("c,dtype", [(Case(2, 3, 2, 5, 4, True, True, True, True), F32),
                                      (Case(1, 0, 3, 4, 2, False, False, False, False), F64),
                                      (Case(1, 66, 2, 3, 2, True, False, True, False), F32)],
                          ids=["all-f32", "none-p0-f64", "Db-p66-f32"])
-def test_opcheck_backward(c, dtype, seed, cpu_backend):
+def test_opcheck_backward(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, c.L < 64)
     inp = c.inputs(seed, dtype)
-    _, ysum, ck = raw(inp, c)
+    _, ysum, ck = raw(inp, c, kernel_backend)
     dout = T.randn(T.gen(seed + 1), c.b, c.s, c.E, dtype=dtype)
-    _opcheck(torch.ops.vlssm.fork_scan_backward.default,
+    _opcheck(raw_op(kernel_backend, True).default,
              (dout, *[inp[k] for k in T.FORK_KEYS], ysum, ck, c.p, c.softplus))
 
 
 @pytest.mark.parametrize("api", ["public", "raw"])
-def test_compile_fullgraph_aot_eager(api, seed, cpu_backend, clean_env):
+def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
     """conv -> projections -> fork_scan, forward + backward, compiled with fullgraph=True."""
+    T.skip_slow_triton(kernel_backend, api == "public")
     b, p, s, E, N, R, K = 2, 5, 3, 4, 3, 2, 4
     prm = _pipeline_params(seed, E, N, R, K, F32)
     g = T.gen(seed + 1)
@@ -327,14 +352,14 @@ def test_compile_fullgraph_aot_eager(api, seed, cpu_backend, clean_env):
 
     def fn(xP, xS, z, conv_w, conv_b, x_proj, dt_proj, dt_bias, A, D):
         if api == "public":
-            u = ops.fork_conv1d(xP, xS, conv_w, conv_b)
+            u = ops.fork_conv1d(xP, xS, conv_w, conv_b, backend=kernel_backend)
         else:
             u = torch.ops.vlssm.fork_conv1d(xP, xS, conv_w, conv_b)
         x_dbl = u @ x_proj.T
         dt = x_dbl[..., :R] @ dt_proj.T
         B, C = x_dbl[..., R:R + N], x_dbl[..., R + N:]
         if api == "public":
-            return ops.fork_scan(u, dt, A, B, C, D, z, dt_bias, p, True)
+            return ops.fork_scan(u, dt, A, B, C, D, z, dt_bias, p, True, backend=kernel_backend)
         return torch.ops.vlssm.fork_scan(u, dt, A, B, C, D, z, dt_bias, p, True)[0]
 
     args = (xP, xS, z, *prm.values())
@@ -372,7 +397,7 @@ def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_t
         assert torch.equal(a, d), f"result {i} differs between 2 threads and 1 thread"
 
 
-def test_noncontiguous_inputs(seed, cpu_backend):
+def test_noncontiguous_inputs(seed, kernel_backend):
     """Slices of the x_proj / in_proj outputs, channel-major storage, strided parameters."""
     c = Case(2, 6, 5, 7, 3)
     inp = c.inputs(seed, F32)
@@ -397,20 +422,20 @@ def test_noncontiguous_inputs(seed, cpu_backend):
     for k, v in nc.items():
         assert torch.equal(v, inp[k]) and not v.is_contiguous(), k
     cot = [T.randn(T.gen(seed + 1), c.b, c.s, c.E)]
-    outs, grads = T.grads_of(lambda **a: run(a, c, cpu_backend), inp, cot)
-    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, c, cpu_backend), nc, cot, copy=False)
+    outs, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
+    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, c, kernel_backend), nc, cot, copy=False)
     assert torch.equal(outs_nc[0], outs[0])
     for k in grads:
         assert torch.equal(grads_nc[k], grads[k]), f"d{k} differs from the contiguous result"
 
 
-def test_batch_broadcast_z(seed, cpu_backend):
+def test_batch_broadcast_z(seed, kernel_backend):
     c = Case(4, 3, 6, 9, 4)
     inp = c.inputs(seed, F32)
     z = inp["z"][:1].expand(c.b, c.s, c.E)
     assert z.stride(0) == 0
-    out = run(inp, c, cpu_backend, z=z)
-    assert torch.equal(out, run(inp, c, cpu_backend, z=z.contiguous()))
+    out = run(inp, c, kernel_backend, z=z)
+    assert torch.equal(out, run(inp, c, kernel_backend, z=z.contiguous()))
     T.assert_rel("out", out, ref64(inp, c, z=z), 1e-5)
 
 
@@ -418,10 +443,10 @@ def test_batch_broadcast_z(seed, cpu_backend):
 # Backends
 
 
-def test_backends_agree(seed, cpu_backend):
+def test_backends_agree(seed, kernel_backend):
     c = Case(2, 9, 6, 11, 4)
     inp = c.inputs(seed, F32)
-    T.assert_rel("out", run(inp, c, "cpu"), run(inp, c, "reference"), 1e-5)
+    T.assert_rel("out", run(inp, c, kernel_backend), run(inp, c, "reference"), 1e-5)
 
 
 def test_default_backend_selection(seed, cpu_backend, clean_env):
@@ -505,12 +530,14 @@ def _call_bad(spec, backend):
                          backend=inp["backend"])
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("spec", BAD, ids=[s[0] for s in BAD])
 def test_bad_input(spec, backend):
     _, exc, name, over = spec
     if backend == "cpu" and not T.HAS_EXT:
         pytest.skip(T.EXT_SKIP_REASON)
+    if backend == "triton" and T.triton_reason() is not None:
+        pytest.skip(T.triton_reason())
     msg = T.check_raises(exc, name, _call_bad, over, backend)
     assert T.first_named(msg, ARG_NAMES) == name, f"first argument named should be {name!r}: {msg!r}"
 
@@ -525,19 +552,19 @@ def test_bad_input(spec, backend):
     (dict(C=torch.randn(NB, NL, NN + 1)), "C", ValueError),
     (dict(z=torch.empty(NB, NS, NE, device="meta")), "z", (ValueError, RuntimeError)),
 ], ids=["p-odd", "p-neg", "p-L", "A-f64", "bias-f64", "z-full", "C-dstate", "z-meta"])
-def test_raw_op_bad_input(over, name, exc, cpu_backend):
+def test_raw_op_bad_input(over, name, exc, kernel_backend):
     inp = dict(_valid(), prefix_len=NP)
     inp.update(over)
-    T.check_raises(exc, name, torch.ops.vlssm.fork_scan, *[inp[k] for k in T.FORK_KEYS], inp["prefix_len"], True)
+    T.check_raises(exc, name, raw_op(kernel_backend), *[inp[k] for k in T.FORK_KEYS], inp["prefix_len"], True)
 
 
-def test_raw_backward_checks(seed, cpu_backend):
+def test_raw_backward_checks(seed, kernel_backend):
     c = Case(NB, NP, NS, NE, NN)
     inp = c.inputs(seed, F32)
-    _, ysum, ck = raw(inp, c)
+    _, ysum, ck = raw(inp, c, kernel_backend)
     dout = torch.randn(c.b, c.s, c.E)
     args = [inp[k] for k in T.FORK_KEYS]
-    bw = torch.ops.vlssm.fork_scan_backward
+    bw = raw_op(kernel_backend, True)
     T.check_raises(ValueError, "checkpoints", bw, dout, *args, ysum, ck[:, :, :1], c.p, True)
     T.check_raises(ValueError, "ysum", bw, dout, *args, ysum[:, :1], ck, c.p, True)
     T.check_raises(TypeError, "ysum", bw, dout, *args, ysum.double(), ck, c.p, True)

@@ -97,9 +97,23 @@ def ref_same(inp, c: Case):
                               initial_state=inp["initial_state"])
 
 
-def raw(inp, c: Case):
-    return torch.ops.vlssm.selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"],
-                                          inp["delta_bias"], inp["initial_state"], c.softplus, c.reverse)
+#: The raw (forward, backward) op names of each kernel backend.
+RAW_OPS = {"cpu": ("selective_scan", "selective_scan_backward"),
+           "triton": ("selective_scan_triton", "selective_scan_backward_triton")}
+
+
+def raw_op(backend: str, backward: bool = False):
+    return getattr(torch.ops.vlssm, RAW_OPS[backend][backward])
+
+
+def _small(c: Case, steps: int = 140) -> bool:
+    """Cheap enough for the Triton interpreter: scan steps times blocks of 64 channels."""
+    return c.b * c.L * -(-c.dim // 64) <= steps
+
+
+def raw(inp, c: Case, backend="cpu"):
+    return raw_op(backend)(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"],
+                           inp["delta_bias"], inp["initial_state"], c.softplus, c.reverse)
 
 
 # --------------------------------------------------------------------------
@@ -133,9 +147,10 @@ def test_reference_keeps_dtypes_and_rounds_half(seed):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("c", FWD_CASES, ids=_id)
-def test_forward(c, dtype, seed, cpu_backend):
+def test_forward(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c, 70))
     inp = c.inputs(seed, dtype)
-    out, last = run(inp, c, cpu_backend)
+    out, last = run(inp, c, kernel_backend)
     ref, ref_last = ref64(inp, c)
     assert out.dtype == dtype and out.shape == (c.b, c.dim, c.L)
     assert last.dtype == T.acc_dtype(dtype) and last.shape == (c.b, c.dim, c.N)
@@ -158,9 +173,10 @@ def test_forward_long(c, seed, cpu_backend):
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("c", HALF_CASES, ids=_id)
-def test_forward_half(c, dtype, seed, cpu_backend):
+def test_forward_half(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c))
     inp = c.inputs(seed, dtype)
-    out, last = run(inp, c, cpu_backend)
+    out, last = run(inp, c, kernel_backend)
     assert out.dtype == dtype and last.dtype == F32
     ref, ref_last = ref64(inp, c)
     same, same_last = ref_same(inp, c)
@@ -170,18 +186,19 @@ def test_forward_half(c, dtype, seed, cpu_backend):
     T.assert_elementwise("out", out, ref, 2e-2, 2e-2)
 
 
-@pytest.mark.parametrize("c", [FWD_CASES[2], FWD_CASES[5], Case(2, 40, 150, 5, True, True, True, True, True)],
-                         ids=_id)
-def test_raw_op_writes_every_element(c, seed, cpu_backend):
+@pytest.mark.parametrize("c", [FWD_CASES[2], FWD_CASES[5], Case(2, 40, 150, 5, True, True, True, True, True),
+                               Case(1, 3, 70, 4, True, True, True, True, True, True)], ids=_id)
+def test_raw_op_writes_every_element(c, seed, kernel_backend):
     """out, last_state and checkpoints of the raw op: finite, elementwise right, twice identical.
 
     checkpoints[:, :, k] is documented as the state before scan step 64 k (in scan order).
     """
+    T.skip_slow_triton(kernel_backend, _small(c))
     inp = c.inputs(seed, F32)
     nck = -(-c.L // 64)
     shapes = [torch.empty(c.b, c.dim, c.L), torch.empty(c.b, c.dim, c.N), torch.empty(c.b, c.dim, nck, c.N)]
     T.poison_allocator(*shapes)
-    out, last, ck = raw(inp, c)
+    out, last, ck = raw(inp, c, kernel_backend)
     assert ck.shape == (c.b, c.dim, nck, c.N) and ck.dtype == F32
     ref, ref_last = ref64(inp, c)
     T.assert_elementwise("out", out, ref, 1e-4, 1e-5)
@@ -197,11 +214,11 @@ def test_raw_op_writes_every_element(c, seed, cpu_backend):
             _, want = ref64(part, c)
         T.assert_elementwise(f"checkpoints[:, :, {k}]", ck[:, :, k], want.float(), 1e-4, 1e-5)
     T.poison_allocator(*shapes)
-    out2, last2, ck2 = raw(inp, c)
+    out2, last2, ck2 = raw(inp, c, kernel_backend)
     assert torch.equal(out, out2) and torch.equal(last, last2) and torch.equal(ck, ck2)
 
 
-def test_softplus_threshold(seed, cpu_backend):
+def test_softplus_threshold(seed, kernel_backend):
     """delta + delta_bias around mamba_ssm's softplus threshold 20 (identity above)."""
     c = Case(2, 4, 40, 3, True, True, True, True, True, True)
     inp = c.inputs(seed, F64)
@@ -210,7 +227,7 @@ def test_softplus_threshold(seed, cpu_backend):
     inp["A"] = -0.01 * torch.rand(c.dim, c.N, generator=g, dtype=F64) - 1e-3
     inp["delta_bias"] = 0.5 * torch.randn(c.dim, generator=g, dtype=F64)
     cot = [T.randn(g, c.b, c.dim, c.L, dtype=F64), T.randn(g, c.b, c.dim, c.N, dtype=F64)]
-    outs, grads = T.grads_of(lambda **a: run(a, c, cpu_backend), inp, cot)
+    outs, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
     routs, rgrads = T.grads_of(lambda **a: ref64(a, c), inp, cot)
     for n, a, e in zip(("out", "last_state"), outs, routs):
         T.assert_rel(n, a, e, 1e-12)
@@ -240,8 +257,9 @@ def _grad_check(c, dtype, seed, backend, use_out=True, use_last=True):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("c", GRAD_CASES, ids=_id)
-def test_gradients(c, dtype, seed, cpu_backend):
-    inp, grads, rgrads = _grad_check(c, dtype, seed, cpu_backend)
+def test_gradients(c, dtype, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c, 100))
+    inp, grads, rgrads = _grad_check(c, dtype, seed, kernel_backend)
     bad = []
     for k, gk in grads.items():
         assert gk.dtype == inp[k].dtype and gk.shape == inp[k].shape, k
@@ -253,9 +271,10 @@ def test_gradients(c, dtype, seed, cpu_backend):
 
 
 @pytest.mark.parametrize("use_out,use_last", [(False, True), (True, False)], ids=["only-last", "only-out"])
-def test_gradients_one_output(use_out, use_last, seed, cpu_backend):
+def test_gradients_one_output(use_out, use_last, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, use_last)
     c = Case(2, 5, 70, 3, True, True, True, True, True, True)
-    _, grads, rgrads = _grad_check(c, F64, seed, cpu_backend, use_out, use_last)
+    _, grads, rgrads = _grad_check(c, F64, seed, kernel_backend, use_out, use_last)
     for k in grads:
         if rgrads[k].norm() == 0:  # e.g. dz when only last_state is used
             assert grads[k].norm() == 0, f"d{k} must be zero"
@@ -264,13 +283,13 @@ def test_gradients_one_output(use_out, use_last, seed, cpu_backend):
 
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
-def test_gradients_half(dtype, seed, cpu_backend):
+def test_gradients_half(dtype, seed, kernel_backend):
     """Every gradient within 2x the error of the same-precision reference autograd (+ eps)."""
     c = Case(2, 5, 40, 4, True, True, True, True, True, True)
     inp = c.inputs(seed, dtype)
     g = T.gen(seed + 7)
     cot = [T.randn(g, c.b, c.dim, c.L, dtype=dtype), T.randn(g, c.b, c.dim, c.N, dtype=F32)]
-    _, grads = T.grads_of(lambda **a: run(a, c, cpu_backend), inp, cot)
+    _, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
     _, same = T.grads_of(lambda **a: ref_same(a, c), inp, cot)
     _, exact = T.grads_of(lambda **a: ref64(a, c), T.up_all(inp), cot)  # float64 leaves
     for k in grads:
@@ -291,15 +310,18 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("c", GRADCHECK_CASES, ids=_id)
-def test_gradcheck(c, seed, cpu_backend):
+def test_gradcheck(c, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, c.L < 64 and c.has_D)
     inp = c.inputs(seed, F64)
     names = [k for k in T.SCAN_KEYS if inp[k] is not None]
     leaves = [inp[k].clone().requires_grad_(True) for k in names]
 
     def fn(*xs):
-        return run(dict(inp, **dict(zip(names, xs))), c, cpu_backend)
+        return run(dict(inp, **dict(zip(names, xs))), c, kernel_backend)
 
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+    # the interpreted Triton kernels: one random direction per input instead of the full Jacobian
+    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
 
 
 # --------------------------------------------------------------------------
@@ -321,10 +343,11 @@ OPCHECK_CASES = [
 
 @pytest.mark.parametrize("c,dtype,requires_grad", OPCHECK_CASES,
                          ids=[f"{_id(c)}-{d}-{'grad' if r else 'nograd'}" for c, d, r in OPCHECK_CASES])
-def test_opcheck_forward(c, dtype, requires_grad, seed, cpu_backend):
+def test_opcheck_forward(c, dtype, requires_grad, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, _small(c) and requires_grad)
     inp = c.inputs(seed, dtype)
     args = [None if inp[k] is None else inp[k].clone().requires_grad_(requires_grad) for k in T.SCAN_KEYS]
-    _opcheck(torch.ops.vlssm.selective_scan.default, (*args, c.softplus, c.reverse))
+    _opcheck(raw_op(kernel_backend).default, (*args, c.softplus, c.reverse))
 
 
 @pytest.mark.parametrize("c,dtype,with_dlast", [
@@ -332,14 +355,15 @@ def test_opcheck_forward(c, dtype, requires_grad, seed, cpu_backend):
     (Case(1, 2, 70, 3, False, False, False, False, False, False), F64, False),
     (Case(2, 3, 5, 2, False, True, False, True, True, False), F64, True),
 ], ids=["all-f32", "none-f64-L70", "some-f64"])
-def test_opcheck_backward(c, dtype, with_dlast, seed, cpu_backend):
+def test_opcheck_backward(c, dtype, with_dlast, seed, kernel_backend):
+    T.skip_slow_triton(kernel_backend, c.L < 64)
     inp = c.inputs(seed, dtype)
-    _, _, ck = raw(inp, c)
+    _, _, ck = raw(inp, c, kernel_backend)
     g = T.gen(seed + 3)
     dout = T.randn(g, c.b, c.dim, c.L, dtype=dtype)
     dlast = T.randn(g, c.b, c.dim, c.N, dtype=T.acc_dtype(dtype)) if with_dlast else None
     args = (dout, dlast, *[inp[k] for k in T.SCAN_KEYS], ck, c.softplus, c.reverse)
-    _opcheck(torch.ops.vlssm.selective_scan_backward.default, args)
+    _opcheck(raw_op(kernel_backend, True).default, args)
 
 
 def _compile_check(fn, inp, names, compiled_backend, tol=1e-6):
@@ -363,7 +387,8 @@ def _compile_check(fn, inp, names, compiled_backend, tol=1e-6):
     ("raw", Case(2, 3, 9, 4, True, True, True, True, True, True)),
     ("public", Case(1, 2, 70, 3, False, False, False, False, False, False)),
 ], ids=["public-all", "raw-all", "public-none-L70"])
-def test_compile_fullgraph_aot_eager(api, c, seed, cpu_backend, clean_env):
+def test_compile_fullgraph_aot_eager(api, c, seed, kernel_backend, clean_env):
+    T.skip_slow_triton(kernel_backend, api == "public" and c.L < 64)
     inp = c.inputs(seed, F32)
     names = [k for k in T.SCAN_KEYS if inp[k] is not None]
 
@@ -372,11 +397,10 @@ def test_compile_fullgraph_aot_eager(api, c, seed, cpu_backend, clean_env):
         if api == "public":
             out, last = ops.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"],
                                            a["delta_bias"], c.softplus, True, reverse=c.reverse,
-                                           initial_state=a["initial_state"])
+                                           initial_state=a["initial_state"], backend=kernel_backend)
         else:
-            out, last, _ = torch.ops.vlssm.selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"],
-                                                          a["z"], a["delta_bias"], a["initial_state"],
-                                                          c.softplus, c.reverse)
+            out, last, _ = raw_op(kernel_backend)(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"],
+                                                  a["delta_bias"], a["initial_state"], c.softplus, c.reverse)
         return torch.tanh(out) * 2, last * 3
 
     _compile_check(fn, inp, names, "aot_eager")
@@ -443,22 +467,22 @@ def _noncontig(inp, c):
     return nc
 
 
-def test_noncontiguous_inputs(seed, cpu_backend):
+def test_noncontiguous_inputs(seed, kernel_backend):
     c = Case(2, 5, 70, 3, True, True, True, True, True, True)
     inp = c.inputs(seed, F32)
     nc = _noncontig(inp, c)
     g = T.gen(seed + 1)
     cot = [T.randn(g, c.b, c.dim, c.L), T.randn(g, c.b, c.dim, c.N)]
-    outs, grads = T.grads_of(lambda **a: run(a, c, cpu_backend), inp, cot)
+    outs, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
     # the leaves themselves are the non-contiguous views (no copy in between)
-    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, c, cpu_backend), nc, cot, copy=False)
+    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, c, kernel_backend), nc, cot, copy=False)
     for i, (a, e) in enumerate(zip(outs_nc, outs)):
         assert torch.equal(a, e), f"output {i} differs from the contiguous result"
     for k in grads:
         assert torch.equal(grads_nc[k], grads[k]), f"d{k} differs from the contiguous result"
 
 
-def test_batch_broadcast_views(seed, cpu_backend):
+def test_batch_broadcast_views(seed, kernel_backend):
     """B, C and z shared by the batch as stride-0 expand views."""
     c = Case(3, 4, 33, 5, False, True, True, True, True, True)
     inp = c.inputs(seed, F32)
@@ -466,26 +490,26 @@ def test_batch_broadcast_views(seed, cpu_backend):
     for k, shape in (("B", (1, c.N, c.L)), ("C", (1, c.N, c.L)), ("z", (1, c.dim, c.L))):
         inp[k] = T.randn(g, *shape).expand(c.b, *shape[1:])
         assert inp[k].stride(0) == 0
-    out, last = run(inp, c, cpu_backend)
+    out, last = run(inp, c, kernel_backend)
     dense = {k: (None if v is None else v.contiguous()) for k, v in inp.items()}
-    out_d, last_d = run(dense, c, cpu_backend)
+    out_d, last_d = run(dense, c, kernel_backend)
     assert torch.equal(out, out_d) and torch.equal(last, last_d)
     ref, _ = ref64(inp, c)
     T.assert_rel("out", out, ref, 1e-5)
 
 
-def test_parameter_dtypes_are_cast(seed, cpu_backend):
+def test_parameter_dtypes_are_cast(seed, kernel_backend):
     """A, D, delta_bias, initial_state of any floating dtype are used in float32 (fp32 inputs)."""
     c = Case(2, 3, 20, 4, True, True, True, True, True, True)
     inp = c.inputs(seed, F32)
     odd = dict(inp, A=inp["A"].double(), D=inp["D"].half(), delta_bias=inp["delta_bias"].bfloat16(),
                initial_state=inp["initial_state"].double())
     cast = {k: (v.float() if k in ("A", "D", "delta_bias", "initial_state") else v) for k, v in odd.items()}
-    out, last = run(odd, c, cpu_backend)
-    out_c, last_c = run(cast, c, cpu_backend)
+    out, last = run(odd, c, kernel_backend)
+    out_c, last_c = run(cast, c, kernel_backend)
     assert torch.equal(out, out_c) and torch.equal(last, last_c) and last.dtype == F32
     leaves = {k: v.clone().requires_grad_(True) for k, v in odd.items()}
-    o, l_ = run(leaves, c, cpu_backend)
+    o, l_ = run(leaves, c, kernel_backend)
     (o.sum() + l_.sum()).backward()
     for k in ("A", "D", "delta_bias", "initial_state"):
         assert leaves[k].grad.dtype == odd[k].dtype, k
@@ -495,10 +519,10 @@ def test_parameter_dtypes_are_cast(seed, cpu_backend):
 # Backends
 
 
-def test_backends_agree(seed, cpu_backend):
-    c = Case(2, 7, 90, 6, True, True, True, True, True, True)
+def test_backends_agree(seed, kernel_backend):
+    c = Case(2, 7, 70, 6, True, True, True, True, True, True)
     inp = c.inputs(seed, F32)
-    out_c, last_c = run(inp, c, "cpu")
+    out_c, last_c = run(inp, c, kernel_backend)
     out_r, last_r = run(inp, c, "reference")
     assert out_r.dtype == out_c.dtype == F32
     T.assert_rel("out", out_c, out_r, 1e-5)
@@ -659,12 +683,14 @@ def _apply_bad(spec):
     return inp
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("spec", BAD, ids=[s[0] for s in BAD])
 def test_bad_input(spec, backend):
     _, exc, name, over = spec
     if backend == "cpu" and not T.HAS_EXT:
         pytest.skip(T.EXT_SKIP_REASON)
+    if backend == "triton" and T.triton_reason() is not None:
+        pytest.skip(T.triton_reason())
     c = Case(BAD_B, BAD_D, BAD_L, BAD_N, True, True, True, True, True, True)
     inp = _apply_bad(over)
     msg = T.check_raises(exc, name, run, inp, c, backend)
@@ -694,7 +720,7 @@ def test_bad_flags(kw, name, exc):
     (dict(u="empty"), "u", ValueError),
     (dict(z="meta"), "z", (ValueError, RuntimeError)),  # never a silent result from the fake kernel
 ], ids=["A-f64", "D-f64", "h0-f64", "delta-f64", "B-short", "u-empty", "z-meta"])
-def test_raw_op_bad_input(over, name, exc, cpu_backend):
+def test_raw_op_bad_input(over, name, exc, kernel_backend):
     """The compiled op checks again: a direct torch.ops call never reads out of bounds."""
     inp = _valid()
     (k, how), = over.items()
@@ -706,18 +732,18 @@ def test_raw_op_bad_input(over, name, exc, cpu_backend):
         inp[k] = inp[k][..., :0]
     elif how == "meta":
         inp[k] = _meta(inp[k])
-    T.check_raises(exc, name, raw, inp, Case(BAD_B, BAD_D, BAD_L, BAD_N, True))
+    T.check_raises(exc, name, raw, inp, Case(BAD_B, BAD_D, BAD_L, BAD_N, True), kernel_backend)
 
 
-def test_raw_backward_checks_checkpoints(seed, cpu_backend):
+def test_raw_backward_checks_checkpoints(seed, kernel_backend):
     c = Case(2, 3, 70, 4, False, True, True, True, True, True)
     inp = c.inputs(seed, F32)
-    _, _, ck = raw(inp, c)
+    _, _, ck = raw(inp, c, kernel_backend)
     dout = torch.randn(c.b, c.dim, c.L)
     args = [inp[k] for k in T.SCAN_KEYS]
-    T.check_raises(ValueError, "checkpoints", torch.ops.vlssm.selective_scan_backward, dout, None, *args,
+    T.check_raises(ValueError, "checkpoints", raw_op(kernel_backend, True), dout, None, *args,
                    ck[:, :, :1], c.softplus, c.reverse)
-    T.check_raises(ValueError, "dout", torch.ops.vlssm.selective_scan_backward, dout[..., 1:], None, *args,
+    T.check_raises(ValueError, "dout", raw_op(kernel_backend, True), dout[..., 1:], None, *args,
                    ck, c.softplus, c.reverse)
-    T.check_raises(ValueError, "dlast_state", torch.ops.vlssm.selective_scan_backward, dout,
+    T.check_raises(ValueError, "dlast_state", raw_op(kernel_backend, True), dout,
                    torch.randn(c.b, c.dim, c.N + 1), *args, ck, c.softplus, c.reverse)

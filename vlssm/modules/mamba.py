@@ -93,7 +93,7 @@ class Mamba(nn.Module):
             [dt_min, dt_max], floored at dt_init_floor).
         conv_bias: bias of the convolution. bias: bias of in_proj and out_proj.
         backend: ``None`` (``VLSSM_BACKEND`` or ``"auto"``), ``"auto"``,
-            ``"cpu"`` or ``"reference"``; passed to every op call.
+            ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``; passed to every op call.
 
     Parameters (mamba_ssm names): ``in_proj.weight`` (2E, d), ``conv1d.weight``
     (E, 1, K), ``conv1d.bias`` (E,), ``x_proj.weight`` (R + 2N, E),

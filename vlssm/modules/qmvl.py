@@ -36,7 +36,7 @@ class QMVL(nn.Module):
         fused: use the fused shared-prefix fork (default) instead of the
             literal four-sequence composition.
         backend: ``None`` (``VLSSM_BACKEND`` or ``"auto"``), ``"auto"``,
-            ``"cpu"`` or ``"reference"``; passed to every op call. With
+            ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``; passed to every op call. With
             ``"reference"`` and ``fused=False`` this is the pure-PyTorch
             reference composition.
         device, dtype: factory arguments of the parameters.

@@ -10,6 +10,9 @@ Schemas (csrc/vlssm.cpp)::
     fork_conv1d(x_prefix, x_suffix, weight, bias?) -> y
     fork_scan(u, delta, A, B, C, D?, z?, delta_bias?, prefix_len, delta_softplus)
         -> (out, ysum, checkpoints)
+
+The Triton backend has the same pairs as ``vlssm::fork_conv1d{,_backward}_triton``
+(kernels/fork_conv1d.py) and ``vlssm::fork_scan{,_backward}_triton`` (kernels/scan.py).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from ..reference import fork_conv1d_ref, fork_scan_ref
 from . import _checks
 from ._schema import num_checkpoints
 
-#: Backends these ops have ("cuda" when vlssm._C was built with CUDA).
-IMPLEMENTED = ("cpu", "cuda", "reference")
+#: Backends these ops have ("cuda" when vlssm._C was built with CUDA; "triton": kernels/).
+IMPLEMENTED = ("cpu", "cuda", "triton", "reference")
 
 __all__ = ["fork_conv1d", "fork_scan"]
 
@@ -48,7 +51,7 @@ def fork_conv1d(
         weight: (E, K) depthwise kernel (``conv1d.weight[:, 0, :]``); tap K-1
             multiplies the current token. Same dtype as the inputs.
         bias: (E,) or None.
-        backend: None, "auto", "cpu", "cuda" or "reference".
+        backend: None, "auto", "cpu", "cuda", "triton" or "reference".
 
     Returns:
         (b, p + 2s, E): ``[prefix | suffix in [P, S] | suffix in [P, rev S]]``,
@@ -65,9 +68,11 @@ def fork_conv1d(
     _checks.like("weight", weight, "x_prefix", x_prefix, (E, weight.shape[1]), "(dim, d_conv)")
     if bias is not None:
         _checks.like("bias", bias, "x_prefix", x_prefix, (E,), "(dim,)")
-    if _backend.resolve_backend(backend, x_prefix.device, implemented=IMPLEMENTED, op="fork_conv1d") == "reference":
+    name = _backend.resolve_backend(backend, x_prefix.device, implemented=IMPLEMENTED, op="fork_conv1d")
+    if name == "reference":
         return fork_conv1d_ref(x_prefix, x_suffix, weight, bias)
-    return torch.ops.vlssm.fork_conv1d(x_prefix, x_suffix, weight, bias)
+    op = torch.ops.vlssm.fork_conv1d_triton if name == "triton" else torch.ops.vlssm.fork_conv1d
+    return op(x_prefix, x_suffix, weight, bias)
 
 
 def fork_scan(
@@ -105,7 +110,7 @@ def fork_scan(
             batch-broadcast view is read without a copy.
         prefix_len: p >= 0; ``u.shape[1] - p`` must be even and positive.
         delta_softplus: softplus on delta + delta_bias.
-        backend: None, "auto", "cpu", "cuda" or "reference".
+        backend: None, "auto", "cpu", "cuda", "triton" or "reference".
 
     Returns:
         (b, s, E) in u's dtype.
@@ -134,21 +139,24 @@ def fork_scan(
     if delta_bias is not None:
         delta_bias = _checks.param("delta_bias", delta_bias, "u", u, (E,), "(dim,)")
     _checks.flag("delta_softplus", delta_softplus)
-    if _backend.resolve_backend(backend, u.device, implemented=IMPLEMENTED, op="fork_scan") == "reference":
+    name = _backend.resolve_backend(backend, u.device, implemented=IMPLEMENTED, op="fork_scan")
+    if name == "reference":
         return fork_scan_ref(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus)
-    return torch.ops.vlssm.fork_scan(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus)[0]
+    op = torch.ops.vlssm.fork_scan_triton if name == "triton" else torch.ops.vlssm.fork_scan
+    return op(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus)[0]
 
 
 # --------------------------------------------------------------------------
-# Registration (run once vlssm._C has defined the schemas).
+# Registration (run once vlssm._C has defined the schemas). The Triton pairs
+# register the same fakes and autograd in kernels/.
 
-def _conv_fake(x_prefix, x_suffix, weight, bias):
+def conv_fake(x_prefix, x_suffix, weight, bias):
     _checks.same_device("x_prefix", x_prefix, x_suffix=x_suffix, weight=weight, bias=bias)
     b, p, E = x_prefix.shape
     return x_prefix.new_empty((b, p + 2 * x_suffix.shape[1], E))
 
 
-def _conv_fake_backward(dy, x_prefix, x_suffix, weight, bias):
+def conv_fake_backward(dy, x_prefix, x_suffix, weight, bias):
     _checks.same_device("x_prefix", x_prefix, dy=dy, x_suffix=x_suffix, weight=weight, bias=bias)
     b, p, E = x_prefix.shape
     return [
@@ -159,17 +167,21 @@ def _conv_fake_backward(dy, x_prefix, x_suffix, weight, bias):
     ]
 
 
-def _conv_setup_context(ctx, inputs, output):
+def conv_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _conv_backward(ctx, dy):
-    x_prefix, x_suffix, weight, bias = ctx.saved_tensors
-    dxp, dxs, dw, db = torch.ops.vlssm.fork_conv1d_backward(dy, x_prefix, x_suffix, weight, bias)
-    return dxp, dxs, dw, (db if bias is not None else None)
+def make_conv_backward(backward_op):
+    """The autograd backward of a fork_conv1d op whose gradients ``backward_op`` computes."""
+    def _conv_backward(ctx, dy):
+        x_prefix, x_suffix, weight, bias = ctx.saved_tensors
+        dxp, dxs, dw, db = backward_op(dy, x_prefix, x_suffix, weight, bias)
+        return dxp, dxs, dw, (db if bias is not None else None)
+
+    return _conv_backward
 
 
-def _scan_fake(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus):
+def scan_fake(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus):
     _checks.same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     b, L, E = u.shape
     N = A.shape[1]
@@ -179,7 +191,7 @@ def _scan_fake(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus):
     return u.new_empty((b, s, E)), u.new_empty((b, s, E), dtype=acc), u.new_empty((b, E, nck, N), dtype=acc)
 
 
-def _scan_fake_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, prefix_len, delta_softplus):
+def scan_fake_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, prefix_len, delta_softplus):
     _checks.same_device("u", u, dout=dout, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                         ysum=ysum, checkpoints=checkpoints)
     b, L, E = u.shape
@@ -202,7 +214,7 @@ def _scan_fake_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpo
     ]
 
 
-def _scan_setup_context(ctx, inputs, output):
+def scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus = inputs
     _, ysum, checkpoints = output
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints)
@@ -211,24 +223,30 @@ def _scan_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(ysum, checkpoints)
 
 
-def _scan_backward(ctx, dout, _dysum, _dcheckpoints):
-    u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.vlssm.fork_scan_backward(
-        dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, ctx.prefix_len, ctx.delta_softplus
-    )
-    return (
-        du, ddelta, dA, dB, dC,
-        dD if D is not None else None,
-        dz if z is not None else None,
-        dbias if delta_bias is not None else None,
-        None, None,
-    )
+def make_scan_backward(backward_op):
+    """The autograd backward of a fork_scan op whose gradients ``backward_op`` computes."""
+    def _scan_backward(ctx, dout, _dysum, _dcheckpoints):
+        u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias = backward_op(
+            dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, ctx.prefix_len, ctx.delta_softplus
+        )
+        return (
+            du, ddelta, dA, dB, dC,
+            dD if D is not None else None,
+            dz if z is not None else None,
+            dbias if delta_bias is not None else None,
+            None, None,
+        )
+
+    return _scan_backward
 
 
 def register() -> None:
-    torch.library.register_fake("vlssm::fork_conv1d")(_conv_fake)
-    torch.library.register_fake("vlssm::fork_conv1d_backward")(_conv_fake_backward)
-    torch.library.register_autograd("vlssm::fork_conv1d", _conv_backward, setup_context=_conv_setup_context)
-    torch.library.register_fake("vlssm::fork_scan")(_scan_fake)
-    torch.library.register_fake("vlssm::fork_scan_backward")(_scan_fake_backward)
-    torch.library.register_autograd("vlssm::fork_scan", _scan_backward, setup_context=_scan_setup_context)
+    torch.library.register_fake("vlssm::fork_conv1d")(conv_fake)
+    torch.library.register_fake("vlssm::fork_conv1d_backward")(conv_fake_backward)
+    torch.library.register_autograd("vlssm::fork_conv1d", make_conv_backward(torch.ops.vlssm.fork_conv1d_backward),
+                                    setup_context=conv_setup_context)
+    torch.library.register_fake("vlssm::fork_scan")(scan_fake)
+    torch.library.register_fake("vlssm::fork_scan_backward")(scan_fake_backward)
+    torch.library.register_autograd("vlssm::fork_scan", make_scan_backward(torch.ops.vlssm.fork_scan_backward),
+                                    setup_context=scan_setup_context)

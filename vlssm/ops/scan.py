@@ -6,7 +6,8 @@ Schema (``torch.ops.vlssm.selective_scan``, defined in csrc/vlssm.cpp)::
                    delta_softplus, reverse) -> (out, last_state, checkpoints)
 
 ``checkpoints`` (b, D, ceil(L / 64), N) holds the state every 64 steps; the
-backward recomputes the states in between from it.
+backward recomputes the states in between from it. The Triton backend has the
+same pair as ``vlssm::selective_scan{,_backward}_triton`` (kernels/scan.py).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from ..reference import selective_scan_ref
 from . import _checks
 from ._schema import num_checkpoints
 
-#: Backends these ops have ("cuda" when vlssm._C was built with CUDA).
-IMPLEMENTED = ("cpu", "cuda", "reference")
+#: Backends these ops have ("cuda" when vlssm._C was built with CUDA; "triton": kernels/scan.py).
+IMPLEMENTED = ("cpu", "cuda", "triton", "reference")
 
 __all__ = ["selective_scan"]
 
@@ -59,7 +60,8 @@ def selective_scan(
         return_last_state: also return the final state (b, D, N).
         reverse: scan from the last token to the first, without a copy.
         initial_state: (b, D, N) state before the first scanned token, or None (zeros).
-        backend: None (``VLSSM_BACKEND`` or "auto"), "auto", "cpu", "cuda" or "reference".
+        backend: None (``VLSSM_BACKEND`` or "auto"), "auto", "cpu", "cuda", "triton" or
+            "reference".
 
     Parameters (A, D, delta_bias, initial_state) may have any floating dtype; they
     are used in float32 (float64 when u is float64), as is the state.
@@ -87,21 +89,24 @@ def selective_scan(
     _checks.flag("delta_softplus", delta_softplus)
     _checks.flag("reverse", reverse)
 
-    if _backend.resolve_backend(backend, u.device, implemented=IMPLEMENTED, op="selective_scan") == "reference":
+    name = _backend.resolve_backend(backend, u.device, implemented=IMPLEMENTED, op="selective_scan")
+    if name == "reference":
         return selective_scan_ref(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
             reverse=reverse, initial_state=initial_state,
         )
-    out, last_state, _ = torch.ops.vlssm.selective_scan(
+    op = torch.ops.vlssm.selective_scan_triton if name == "triton" else torch.ops.vlssm.selective_scan
+    out, last_state, _ = op(
         u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse
     )
     return (out, last_state) if return_last_state else out
 
 
 # --------------------------------------------------------------------------
-# Registration (run once vlssm._C has defined the schemas).
+# Registration (run once vlssm._C has defined the schemas). The Triton pair
+# registers the same fakes and autograd in kernels/scan.py.
 
-def _fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse):
+def fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse):
     _checks.same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                         initial_state=initial_state)
     b, dim, L = u.shape
@@ -114,7 +119,7 @@ def _fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, re
     )
 
 
-def _fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+def fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
                    delta_softplus, reverse):
     _checks.same_device("u", u, dout=dout, dlast_state=dlast_state, delta=delta, A=A, B=B, C=C, D=D, z=z,
                         delta_bias=delta_bias, initial_state=initial_state, checkpoints=checkpoints)
@@ -138,7 +143,7 @@ def _fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initi
     ]
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
     ctx.delta_softplus = delta_softplus
@@ -146,25 +151,30 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[2])
 
 
-def _backward(ctx, dout, dlast_state, _dcheckpoints):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
-    if dout is None:  # only last_state was used
-        dout = torch.zeros_like(u)
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = torch.ops.vlssm.selective_scan_backward(
-        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
-        ctx.delta_softplus, ctx.reverse,
-    )
-    return (
-        du, ddelta, dA, dB, dC,
-        dD if D is not None else None,
-        dz if z is not None else None,
-        dbias if delta_bias is not None else None,
-        dh0 if initial_state is not None else None,
-        None, None,
-    )
+def make_backward(backward_op):
+    """The autograd backward of a selective_scan op whose gradients ``backward_op`` computes."""
+    def _backward(ctx, dout, dlast_state, _dcheckpoints):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+        if dout is None:  # only last_state was used
+            dout = torch.zeros_like(u)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = backward_op(
+            dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+            ctx.delta_softplus, ctx.reverse,
+        )
+        return (
+            du, ddelta, dA, dB, dC,
+            dD if D is not None else None,
+            dz if z is not None else None,
+            dbias if delta_bias is not None else None,
+            dh0 if initial_state is not None else None,
+            None, None,
+        )
+
+    return _backward
 
 
 def register() -> None:
-    torch.library.register_fake("vlssm::selective_scan")(_fake)
-    torch.library.register_fake("vlssm::selective_scan_backward")(_fake_backward)
-    torch.library.register_autograd("vlssm::selective_scan", _backward, setup_context=_setup_context)
+    torch.library.register_fake("vlssm::selective_scan")(fake)
+    torch.library.register_fake("vlssm::selective_scan_backward")(fake_backward)
+    torch.library.register_autograd("vlssm::selective_scan", make_backward(torch.ops.vlssm.selective_scan_backward),
+                                    setup_context=setup_context)
