@@ -115,4 +115,25 @@ inline ScanShape check_fork_scan(const at::Tensor& u, const at::Tensor& delta, c
   return sh;
 }
 
+// fork_conv1d: x_prefix (b, p, E), x_suffix (b, s, E), weight (E, K), bias (E),
+// all in x_prefix's dtype.
+struct ConvShape {
+  int64_t batch, p, s, E, K;
+};
+
+inline ConvShape check_fork_conv1d(const at::Tensor& xp, const at::Tensor& xs, const at::Tensor& w,
+                                   const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(xp.dim() == 3, "x_prefix must have shape (batch, prefix_len, dim), got ", shape_str(xp.sizes()));
+  TORCH_CHECK_VALUE(xs.dim() == 3, "x_suffix must have shape (batch, suffix_len, dim), got ", shape_str(xs.sizes()));
+  check_floating("x_prefix", xp);
+  TORCH_CHECK_VALUE(w.dim() == 2, "weight must have shape (dim, d_conv), got ", shape_str(w.sizes()));
+  const ConvShape sh{xp.size(0), xp.size(1), xs.size(1), xp.size(2), w.size(1)};
+  TORCH_CHECK_VALUE(sh.batch > 0 && sh.s > 0 && sh.E > 0 && sh.K > 0, "empty input: x_prefix ",
+                    shape_str(xp.sizes()), ", x_suffix ", shape_str(xs.sizes()), ", weight ", shape_str(w.sizes()));
+  check_act("x_suffix", xs, {sh.batch, sh.s, sh.E}, xp);
+  check_act("weight", w, {sh.E, sh.K}, xp);
+  if (bias.has_value()) check_act("bias", *bias, {sh.E}, xp);
+  return sh;
+}
+
 }  // namespace vlssm
