@@ -28,9 +28,10 @@
 //
 // Backward: per segment, chunks of 64 walk steps in reverse order. For a
 // chunk, the state is reloaded from its checkpoint, a first pass recomputes the
-// chunk and keeps a snapshot every kSub = 8 steps in registers; then each
-// 8-step sub-chunk (last first) is recomputed into registers (states and
-// exp(dt A)) and walked backwards with the adjoint lam (= d loss / d h), as
+// chunk and keeps a snapshot every kSub = 8 steps (shared memory, thread-
+// private slots: registers would cost 32+ per thread); then each
+// 8-step sub-chunk (last first) is recomputed into registers (the 9 states;
+// exp(dt A) is recomputed in the adjoint) and walked backwards with the adjoint lam (= d loss / d h), as
 // segment_bwd in scan_cpu.cpp. fork_scan: reversed suffix and forward suffix
 // from lam = 0, adjoints summed at the end of the prefix, then the prefix.
 // Reductions: dB / dC over channels: warp shuffles, then shared-memory atomics
@@ -363,6 +364,7 @@ template <typename Acc>
 struct BwdTile {
   Tile<Acc> in;
   Acc *dB, *dC, *du, *dd, *y;
+  Acc* snap;  // (kNumSub, kNPL, kThreads): per-thread state snapshots, thread-private
 };
 
 template <typename Acc, typename CF>
@@ -380,6 +382,7 @@ __device__ __forceinline__ BwdTile<Acc> bwd_tile(Acc* smem) {
   bt.du = bt.in.gy + kSub * CPB;
   bt.dd = bt.du + kSub * CPB;
   bt.y = bt.dd + kSub * CPB;
+  bt.snap = bt.y + kSub * CPB;
   return bt;
 }
 
@@ -415,27 +418,6 @@ __device__ __forceinline__ void flush_bwd(const ScanParams<T, Acc>& P, const Lan
   }
 }
 
-// Select-copy snapshot q of a register array by a runtime index, with
-// constant indices only (predicated moves, no local memory).
-template <typename Acc, int NS, int NPL>
-__device__ __forceinline__ void snap_store(Acc (&snap)[NS][NPL], int q, const Acc (&h)[NPL]) {
-#pragma unroll
-  for (int i = 0; i < NS; ++i)
-    if (i == q) {
-#pragma unroll
-      for (int k = 0; k < NPL; ++k) snap[i][k] = h[k];
-    }
-}
-template <typename Acc, int NS, int NPL>
-__device__ __forceinline__ void snap_load(const Acc (&snap)[NS][NPL], int q, Acc (&h)[NPL]) {
-#pragma unroll
-  for (int i = 0; i < NS; ++i)
-    if (i == q) {
-#pragma unroll
-      for (int k = 0; k < NPL; ++k) h[k] = snap[i][k];
-    }
-}
-
 // Per-thread gradient accumulators over the whole walk.
 template <typename Acc, int NPL>
 struct LaneGrads {
@@ -464,14 +446,11 @@ __device__ __forceinline__ void seg_bwd(const ScanParams<T, Acc>& P, const Lane<
 #pragma unroll
       for (int k = 0; k < NPL; ++k) h[k] = (row && ln.n(k) < P.N) ? row[ln.n(k)] : Acc(0);
     }
-    // Pass 1: snapshots of the state every kSub steps.
-    Acc snap[kNumSub][NPL];
-#pragma unroll
-    for (int i = 0; i < kNumSub; ++i)
-#pragma unroll
-      for (int k = 0; k < NPL; ++k) snap[i][k] = Acc(0);
+    // Pass 1: snapshots of the state every kSub steps, in shared memory
+    // (each thread reads back only its own: no barrier needed for them).
     for (int sc = 0; sc < nsub; ++sc) {
-      snap_store(snap, sc, h);
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) bt.snap[(sc * NPL + k) * kThreads + threadIdx.x] = h[k];
       if (sc == nsub - 1) break;  // the last sub-chunk's end state is not needed
       const int64_t j0 = cj0 + sc * kSub;
       const int64_t jend = min(cjend, j0 + kSub);
@@ -493,8 +472,8 @@ __device__ __forceinline__ void seg_bwd(const ScanParams<T, Acc>& P, const Lane<
       const int64_t jend = min(cjend, j0 + kSub);
       const int nt = static_cast<int>(jend - j0);
       Acc hb[kSub + 1][NPL];  // hb[t] = state before step t of the sub-chunk
-      Acc ea[kSub][NPL];      // exp(dt * A) of step t
-      snap_load(snap, sc, hb[0]);
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) hb[0][k] = bt.snap[(sc * NPL + k) * kThreads + threadIdx.x];
       __syncthreads();
       stage_tile<T, Acc, CF, kSub>(P, ln.b, ln.d0, sg, j0, jend, bt.in, true);
       for (int idx = threadIdx.x; idx < kSub * Npad; idx += kThreads) {
@@ -507,10 +486,8 @@ __device__ __forceinline__ void seg_bwd(const ScanParams<T, Acc>& P, const Lane<
         const Acc dt = bt.in.dt[t * CPB + ln.ch];
         const Acc dtu = dt * bt.in.u[t * CPB + ln.ch];
 #pragma unroll
-        for (int k = 0; k < NPL; ++k) {
-          ea[t][k] = fast_exp(dt * ln.Ar[k]);
-          hb[t + 1][k] = ea[t][k] * hb[t][k] + dtu * bt.in.B[t * Npad + ln.n(k)];
-        }
+        for (int k = 0; k < NPL; ++k)
+          hb[t + 1][k] = fast_exp(dt * ln.Ar[k]) * hb[t][k] + dtu * bt.in.B[t * Npad + ln.n(k)];
       }
 #pragma unroll
       for (int t = kSub - 1; t >= 0; --t) {
@@ -524,15 +501,16 @@ __device__ __forceinline__ void seg_bwd(const ScanParams<T, Acc>& P, const Lane<
           const int n = ln.n(k);
           const Acc bn = bt.in.B[t * Npad + n], cn = bt.in.C[t * Npad + n];
           const Acc hc = hb[t + 1][k];
+          const Acc ea = fast_exp(dt * ln.Ar[k]);  // recomputed: fewer registers than storing it
           y += hc * cn;
           vdc[k] = gj * hc;
           const Acc lk = lam[k] + gj * cn;        // d loss / d h_t
-          const Acc tt = lk * hb[t][k] * ea[t][k];  // d loss / d (dt * A)
+          const Acc tt = lk * hb[t][k] * ea;  // d loss / d (dt * A)
           ddt += tt * ln.Ar[k] + lk * bn * uu;
           gr.dA[k] += tt * dt;
           vdb[k] = lk * dt * uu;
           dus += lk * bn;
-          lam[k] = lk * ea[t][k];                 // d loss / d h_{t-1}
+          lam[k] = lk * ea;                 // d loss / d h_{t-1}
         }
         ddt = group_sum<LPC>(ddt);
         dus = group_sum<LPC>(dus);
@@ -644,7 +622,7 @@ size_t fwd_smem() {
 }
 template <typename Acc, typename CF>
 size_t bwd_smem() {
-  return sizeof(Acc) * (4 * kSub * CF::kNpad + 7 * kSub * CF::kCPB);
+  return sizeof(Acc) * (4 * kSub * CF::kNpad + 7 * kSub * CF::kCPB + kNumSub * CF::kNPL * kThreads);
 }
 
 template <typename T, typename Acc>
