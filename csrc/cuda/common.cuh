@@ -3,9 +3,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <initializer_list>
 #include <utility>
@@ -67,6 +67,10 @@ inline void allow_smem(K kernel, size_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
 }
+
+// The current stream of the current device (c10 only: ATen/cuda/CUDAContext.h
+// would pull in cuSPARSE / cuBLAS headers, absent from some toolkits).
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // Device conversions to / from the storage dtype.
 template <typename Acc, typename T>

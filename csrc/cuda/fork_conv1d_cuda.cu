@@ -175,7 +175,10 @@ ConvIn<T> conv_in(const at::Tensor& xp, const at::Tensor& xs, const at::Tensor& 
 // Grid of a grid-stride elementwise kernel: enough blocks to fill the GPU.
 dim3 elementwise_grid(int64_t total, int threads) {
   const int64_t want = (total + threads - 1) / threads;
-  const int64_t cap = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t cap = int64_t(sms) * 32;
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(want, cap))));
 }
 
@@ -198,7 +201,7 @@ at::Tensor fork_conv1d_cuda(const at::Tensor& x_prefix, const at::Tensor& x_suff
     using Acc = at::opmath_type<T>;
     const auto c = conv_in<T>(x_prefix, x_suffix, weight, bias, sh);
     conv_fwd_kernel<T, Acc><<<elementwise_grid(sh.batch * Lout * sh.E, 256), 256, 0,
-                              at::cuda::getCurrentCUDAStream()>>>(c, y.data_ptr<T>());
+                              current_stream()>>>(c, y.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -223,7 +226,7 @@ std::vector<at::Tensor> fork_conv1d_backward_cuda(const at::Tensor& dy, const at
     using Acc = at::opmath_type<T>;
     const auto c = conv_in<T>(x_prefix, x_suffix, weight, bias, sh);
     const auto dyv = view3<const T>(dy, 0, 2, 1);
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = current_stream();
     conv_bwd_dx_kernel<T, Acc><<<elementwise_grid(sh.batch * Lin * sh.E, 256), 256, 0, stream>>>(
         c, dyv, dxp.data_ptr<T>(), dxs.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

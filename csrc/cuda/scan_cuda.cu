@@ -633,7 +633,7 @@ void launch_fwd(const ScanParams<T, Acc>& P) {
     const size_t smem = fwd_smem<Acc, CF>();
     auto kernel = scan_fwd_kernel<T, Acc, CF>;
     allow_smem(kernel, smem);
-    kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(P);
+    kernel<<<grid, kThreads, smem, current_stream()>>>(P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -646,7 +646,7 @@ void launch_bwd(const ScanParams<T, Acc>& P) {
     const size_t smem = bwd_smem<Acc, CF>();
     auto kernel = scan_bwd_kernel<T, Acc, CF>;
     allow_smem(kernel, smem);
-    kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(P);
+    kernel<<<grid, kThreads, smem, current_stream()>>>(P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
