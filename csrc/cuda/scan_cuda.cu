@@ -680,6 +680,52 @@ ScanParams<T, Acc> make_params(const at::Tensor& u, const at::Tensor& delta, con
   return P;
 }
 
+// Gradient outputs common to both backward ops; token_major: (b, L, D)
+// activations and (b, L, N) B / C (fork_scan), else (b, D, L) and (b, N, L).
+// dB / dC accumulate in zeroed Acc buffers (cast to u's dtype by finish()).
+struct ScanGrads {
+  bool token_major;
+  at::Tensor du, ddelta, dB_acc, dC_acc, dA, dD_full, dbias_full, dz;
+
+  ScanGrads(const at::Tensor& u, const ScanShape& sh, bool token_major_, int64_t zlen, bool has_z)
+      : token_major(token_major_) {
+    const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+    const auto act = [&](int64_t len) {
+      return token_major ? std::vector<int64_t>{sh.batch, len, sh.dim} : std::vector<int64_t>{sh.batch, sh.dim, len};
+    };
+    const std::vector<int64_t> bc = token_major ? std::vector<int64_t>{sh.batch, sh.L, sh.N}
+                                                : std::vector<int64_t>{sh.batch, sh.N, sh.L};
+    du = at::empty(act(sh.L), u.options());
+    ddelta = at::empty(act(sh.L), u.options());
+    dB_acc = at::zeros(bc, acc_opts);
+    dC_acc = at::zeros(bc, acc_opts);
+    dA = at::zeros({sh.dim, sh.N}, acc_opts);
+    dD_full = at::zeros({sh.dim}, acc_opts);
+    dbias_full = at::zeros({sh.dim}, acc_opts);
+    dz = has_z ? at::empty(act(zlen), u.options()) : at::empty({0}, u.options());
+  }
+
+  template <typename T, typename Acc>
+  void set(ScanParams<T, Acc>& P) {
+    const int x = token_major ? 2 : 1, l = token_major ? 1 : 2;
+    P.du = view3<T>(du, 0, x, l);
+    P.ddelta = view3<T>(ddelta, 0, x, l);
+    if (dz.numel() > 0) P.dz = view3<T>(dz, 0, x, l);
+    P.dB = view3<Acc>(dB_acc, 0, x, l);
+    P.dC = view3<Acc>(dC_acc, 0, x, l);
+    P.dA = dA.data_ptr<Acc>();
+    P.dD = dD_full.data_ptr<Acc>();
+    P.dbias = dbias_full.data_ptr<Acc>();
+  }
+
+  // (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); absent optionals: empty.
+  std::vector<at::Tensor> finish(const at::Tensor& u, bool has_D, bool has_bias) const {
+    const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+    return {du, ddelta, dA, dB_acc.to(u.scalar_type()), dC_acc.to(u.scalar_type()),
+            has_D ? dD_full : at::empty({0}, acc_opts), dz, has_bias ? dbias_full : at::empty({0}, acc_opts)};
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cuda(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
@@ -732,14 +778,7 @@ std::vector<at::Tensor> selective_scan_backward_cuda(
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
   const auto acc_opts = u.options().dtype(acc_type);
-  at::Tensor du = at::empty({sh.batch, sh.dim, sh.L}, u.options());
-  at::Tensor ddelta = at::empty({sh.batch, sh.dim, sh.L}, u.options());
-  at::Tensor dB_acc = at::zeros({sh.batch, sh.N, sh.L}, acc_opts);
-  at::Tensor dC_acc = at::zeros({sh.batch, sh.N, sh.L}, acc_opts);
-  at::Tensor dA = at::zeros({sh.dim, sh.N}, acc_opts);
-  at::Tensor dD_full = at::zeros({sh.dim}, acc_opts);
-  at::Tensor dbias_full = at::zeros({sh.dim}, acc_opts);
-  at::Tensor dz = z.has_value() ? at::empty({sh.batch, sh.dim, sh.L}, u.options()) : at::empty({0}, u.options());
+  ScanGrads gr(u, sh, false, sh.L, z.has_value());
   at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
   const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
   const at::Tensor ckc = checkpoints.contiguous(), dlc = opt_or_empty(dlast_state);
@@ -753,21 +792,12 @@ std::vector<at::Tensor> selective_scan_backward_cuda(
     P.nck = nck;
     P.dlast = ptr_or_null<Acc>(dlc);
     P.dh0 = initial_state.has_value() ? dh0.data_ptr<Acc>() : nullptr;
-    P.du = view3<T>(du, 0, 1, 2);
-    P.ddelta = view3<T>(ddelta, 0, 1, 2);
-    if (z.has_value()) P.dz = view3<T>(dz, 0, 1, 2);
-    P.dB = view3<Acc>(dB_acc, 0, 1, 2);
-    P.dC = view3<Acc>(dC_acc, 0, 1, 2);
-    P.dA = dA.data_ptr<Acc>();
-    P.dD = dD_full.data_ptr<Acc>();
-    P.dbias = dbias_full.data_ptr<Acc>();
+    gr.set(P);
     launch_bwd(P);
   });
-  at::Tensor dB = dB_acc.to(u.scalar_type());
-  at::Tensor dC = dC_acc.to(u.scalar_type());
-  at::Tensor dD = D.has_value() ? dD_full : at::empty({0}, acc_opts);
-  at::Tensor dbias = delta_bias.has_value() ? dbias_full : at::empty({0}, acc_opts);
-  return {du, ddelta, dA, dB, dC, dD, dz, dbias, dh0};
+  auto res = gr.finish(u, D.has_value(), delta_bias.has_value());
+  res.push_back(dh0);
+  return res;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cuda(
@@ -821,15 +851,7 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
                      {"checkpoints", &checkpoints}});
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
-  const auto acc_opts = u.options().dtype(acc_type);
-  at::Tensor du = at::empty({sh.batch, sh.L, sh.dim}, u.options());
-  at::Tensor ddelta = at::empty({sh.batch, sh.L, sh.dim}, u.options());
-  at::Tensor dB_acc = at::zeros({sh.batch, sh.L, sh.N}, acc_opts);
-  at::Tensor dC_acc = at::zeros({sh.batch, sh.L, sh.N}, acc_opts);
-  at::Tensor dA = at::zeros({sh.dim, sh.N}, acc_opts);
-  at::Tensor dD_full = at::zeros({sh.dim}, acc_opts);
-  at::Tensor dbias_full = at::zeros({sh.dim}, acc_opts);
-  at::Tensor dz = z.has_value() ? at::empty({sh.batch, s, sh.dim}, u.options()) : at::empty({0}, u.options());
+  ScanGrads gr(u, sh, true, s, z.has_value());
   const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
   const at::Tensor ckc = checkpoints.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cuda", [&] {
@@ -845,21 +867,10 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
     P.nck = nck;
     P.nck_p = nck_p;
     P.nck_s = nck_s;
-    P.du = view3<T>(du, 0, 2, 1);
-    P.ddelta = view3<T>(ddelta, 0, 2, 1);
-    if (z.has_value()) P.dz = view3<T>(dz, 0, 2, 1);
-    P.dB = view3<Acc>(dB_acc, 0, 2, 1);
-    P.dC = view3<Acc>(dC_acc, 0, 2, 1);
-    P.dA = dA.data_ptr<Acc>();
-    P.dD = dD_full.data_ptr<Acc>();
-    P.dbias = dbias_full.data_ptr<Acc>();
+    gr.set(P);
     launch_bwd(P);
   });
-  at::Tensor dB = dB_acc.to(u.scalar_type());
-  at::Tensor dC = dC_acc.to(u.scalar_type());
-  at::Tensor dD = D.has_value() ? dD_full : at::empty({0}, acc_opts);
-  at::Tensor dbias = delta_bias.has_value() ? dbias_full : at::empty({0}, acc_opts);
-  return {du, ddelta, dA, dB, dC, dD, dz, dbias};
+  return gr.finish(u, D.has_value(), delta_bias.has_value());
 }
 
 }  // namespace
