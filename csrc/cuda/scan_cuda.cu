@@ -625,26 +625,14 @@ size_t bwd_smem() {
   return sizeof(Acc) * (4 * kSub * CF::kNpad + 7 * kSub * CF::kCPB + kNumSub * CF::kNPL * kThreads);
 }
 
+// Launch the forward (bwd = false) or backward kernel of the config for N.
 template <typename T, typename Acc>
-void launch_fwd(const ScanParams<T, Acc>& P) {
+void launch(const ScanParams<T, Acc>& P, bool bwd) {
   with_cfg(P.N, [&](auto cf) {
     using CF = decltype(cf);
     const dim3 grid((P.dim + CF::kCPB - 1) / CF::kCPB, P.batch);
-    const size_t smem = fwd_smem<Acc, CF>();
-    auto kernel = scan_fwd_kernel<T, Acc, CF>;
-    allow_smem(kernel, smem);
-    kernel<<<grid, kThreads, smem, current_stream()>>>(P);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-template <typename T, typename Acc>
-void launch_bwd(const ScanParams<T, Acc>& P) {
-  with_cfg(P.N, [&](auto cf) {
-    using CF = decltype(cf);
-    const dim3 grid((P.dim + CF::kCPB - 1) / CF::kCPB, P.batch);
-    const size_t smem = bwd_smem<Acc, CF>();
-    auto kernel = scan_bwd_kernel<T, Acc, CF>;
+    const size_t smem = bwd ? bwd_smem<Acc, CF>() : fwd_smem<Acc, CF>();
+    auto kernel = bwd ? scan_bwd_kernel<T, Acc, CF> : scan_fwd_kernel<T, Acc, CF>;
     allow_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, current_stream()>>>(P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -754,7 +742,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cuda(
     P.h0 = ptr_or_null<Acc>(h0c);
     P.last = last.data_ptr<Acc>();
     P.out = view3<T>(out, 0, 1, 2);
-    launch_fwd(P);
+    launch(P, false);
   });
   return {out, last, ck};
 }
@@ -765,19 +753,16 @@ std::vector<at::Tensor> selective_scan_backward_cuda(
     const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
     const at::Tensor& checkpoints, bool delta_softplus, bool reverse) {
-  const ScanShape sh = check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state);
-  check_same("dout", dout, u);
+  const ScanShape sh = check_selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                                                     initial_state, checkpoints);
   const int64_t nck = num_checkpoints(sh.L);
-  const auto acc_type = acc_dtype(u.scalar_type());
-  check_checkpoints(checkpoints, {sh.batch, sh.dim, nck, sh.N}, acc_type);
-  if (dlast_state.has_value()) check_tensor("dlast_state", *dlast_state, {sh.batch, sh.dim, sh.N}, acc_type);
   check_cuda_device({{"u", &u}, {"dout", &dout}, {"dlast_state", opt_ptr(dlast_state)}, {"delta", &delta},
                      {"A", &A}, {"B", &B}, {"C", &C}, {"D", opt_ptr(D)}, {"z", opt_ptr(z)},
                      {"delta_bias", opt_ptr(delta_bias)}, {"initial_state", opt_ptr(initial_state)},
                      {"checkpoints", &checkpoints}});
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
-  const auto acc_opts = u.options().dtype(acc_type);
+  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
   ScanGrads gr(u, sh, false, sh.L, z.has_value());
   at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
   const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
@@ -793,7 +778,7 @@ std::vector<at::Tensor> selective_scan_backward_cuda(
     P.dlast = ptr_or_null<Acc>(dlc);
     P.dh0 = initial_state.has_value() ? dh0.data_ptr<Acc>() : nullptr;
     gr.set(P);
-    launch_bwd(P);
+    launch(P, true);
   });
   auto res = gr.finish(u, D.has_value(), delta_bias.has_value());
   res.push_back(dh0);
@@ -829,7 +814,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cuda(
     P.nck_s = nck_s;
     P.out = view3<T>(out, 0, 2, 1);
     P.ysum = view3<Acc>(ysum, 0, 2, 1);
-    launch_fwd(P);
+    launch(P, false);
   });
   return {out, ysum, ck};
 }
@@ -839,13 +824,10 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const at::Tensor& ysum, const at::Tensor& checkpoints,
     int64_t prefix_len, bool delta_softplus) {
-  const ScanShape sh = check_fork_scan(u, delta, A, B, C, D, z, delta_bias, prefix_len);
+  const ScanShape sh =
+      check_fork_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, prefix_len);
   const int64_t p = prefix_len, s = (sh.L - prefix_len) / 2;
   const int64_t nck_p = num_checkpoints(p), nck_s = num_checkpoints(s), nck = nck_p + 2 * nck_s;
-  const auto acc_type = acc_dtype(u.scalar_type());
-  check_tensor("dout", dout, {sh.batch, s, sh.dim}, u.scalar_type());
-  check_tensor("ysum", ysum, {sh.batch, s, sh.dim}, acc_type);
-  check_checkpoints(checkpoints, {sh.batch, sh.dim, nck, sh.N}, acc_type);
   check_cuda_device({{"u", &u}, {"dout", &dout}, {"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C},
                      {"D", opt_ptr(D)}, {"z", opt_ptr(z)}, {"delta_bias", opt_ptr(delta_bias)}, {"ysum", &ysum},
                      {"checkpoints", &checkpoints}});
@@ -868,7 +850,7 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
     P.nck_p = nck_p;
     P.nck_s = nck_s;
     gr.set(P);
-    launch_bwd(P);
+    launch(P, true);
   });
   return gr.finish(u, D.has_value(), delta_bias.has_value());
 }
