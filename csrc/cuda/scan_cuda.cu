@@ -148,6 +148,20 @@ __device__ __forceinline__ bool token_fast(const V& v) {
   return v.sl == 1 && v.sx != 1;
 }
 
+// f(t, c, d, l) for every valid (tile step t, channel c = d - d0) of a tile
+// of TT walk steps starting at j0; l is the token of step j0 + t.
+template <int TT, int CPB, typename F>
+__device__ __forceinline__ void for_tile_channels(int d0, int dim, const Seg& sg, int64_t j0, int64_t jend, bool tfast,
+                                                  F&& f) {
+  for (int idx = threadIdx.x; idx < TT * CPB; idx += kThreads) {
+    int t, c;
+    tile_map(idx, TT, CPB, tfast, t, c);
+    const int64_t j = j0 + t;
+    const int d = d0 + c;
+    if (j < jend && d < dim) f(t, c, d, sg.tok(j));
+  }
+}
+
 // Shared-memory tile of TT walk steps starting at j0 (steps >= jend and
 // channels >= dim are zero-filled).
 template <typename Acc>
@@ -156,8 +170,9 @@ struct Tile {
 };
 
 template <typename T, typename Acc, typename CF, int TT>
-__device__ __forceinline__ void stage_tile(const ScanParams<T, Acc>& P, int b, int d0, const Seg& sg, int64_t j0, int64_t jend,
-                           const Tile<Acc>& tl, bool write_dz) {
+__device__ __forceinline__ void
+stage_tile(const ScanParams<T, Acc>& P, int b, int d0, const Seg& sg, int64_t j0, int64_t jend, const Tile<Acc>& tl,
+    bool write_dz) {
   constexpr int CPB = CF::kCPB, Npad = CF::kNpad;
   const bool bfast = token_fast(P.B);
   for (int idx = threadIdx.x; idx < TT * Npad; idx += kThreads) {
@@ -246,17 +261,12 @@ __device__ __forceinline__ Acc* state_row(Acc* base, const ScanParams<T, Acc>& P
 // Forward
 
 template <typename T, typename Acc, typename CF>
-__device__ __forceinline__ void flush_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, int64_t j0,
-                          int64_t jend, const Acc* sy) {
+__device__ __forceinline__ void
+flush_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, int64_t j0, int64_t jend,
+    const Acc* sy) {
   constexpr int CPB = CF::kCPB;
   const bool tfast = sg.mode == 1 ? token_fast(P.out) : false;
-  for (int idx = threadIdx.x; idx < kTileF * CPB; idx += kThreads) {
-    int t, c;
-    tile_map(idx, kTileF, CPB, tfast, t, c);
-    const int64_t j = j0 + t;
-    const int d = ln.d0 + c;
-    if (j >= jend || d >= P.dim) continue;
-    const int64_t l = sg.tok(j);
+  for_tile_channels<kTileF, CPB>(ln.d0, P.dim, sg, j0, jend, tfast, [&](int t, int c, int d, int64_t l) {
     Acc y = sy[t * CPB + c];
     if (sg.mode == 1) {
       P.out(ln.b, d, l) = static_cast<T>(P.z.p ? y * vsilu(static_cast<Acc>(P.z(ln.b, d, l))) : y);
@@ -268,12 +278,12 @@ __device__ __forceinline__ void flush_fwd(const ScanParams<T, Acc>& P, const Lan
       P.ysum(ln.b, d, i) = y;
       P.out(ln.b, d, i) = static_cast<T>(P.z.p ? y * vsilu(static_cast<Acc>(P.z(ln.b, d, i))) : y);
     }
-  }
+  });
 }
 
 template <typename T, typename Acc, typename CF>
-__device__ __forceinline__ void seg_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, Acc* smem,
-                        Acc (&h)[CF::kNPL]) {
+__device__ __forceinline__ void
+seg_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, Acc* smem, Acc (&h)[CF::kNPL]) {
   constexpr int NPL = CF::kNPL, LPC = CF::kLPC, CPB = CF::kCPB, Npad = CF::kNpad;
   Tile<Acc> tl;
   tl.B = smem;
@@ -387,25 +397,20 @@ __device__ __forceinline__ BwdTile<Acc> bwd_tile(Acc* smem) {
 }
 
 template <typename T, typename Acc, typename CF>
-__device__ __forceinline__ void flush_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, int64_t j0,
-                          int64_t jend, const BwdTile<Acc>& bt) {
+__device__ __forceinline__ void
+flush_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, int64_t j0, int64_t jend,
+    const BwdTile<Acc>& bt) {
   constexpr int CPB = CF::kCPB, Npad = CF::kNpad;
   const bool tfast = token_fast(P.du);
   const bool want_dz = sg.mode == 1 && P.z.p != nullptr;
-  for (int idx = threadIdx.x; idx < kSub * CPB; idx += kThreads) {
-    int t, c;
-    tile_map(idx, kSub, CPB, tfast, t, c);
-    const int64_t j = j0 + t;
-    const int d = ln.d0 + c;
-    if (j >= jend || d >= P.dim) continue;
-    const int64_t l = sg.tok(j);
+  for_tile_channels<kSub, CPB>(ln.d0, P.dim, sg, j0, jend, tfast, [&](int t, int c, int d, int64_t l) {
     P.du(ln.b, d, l) = static_cast<T>(bt.du[t * CPB + c]);
     P.ddelta(ln.b, d, l) = static_cast<T>(bt.dd[t * CPB + c]);
     if (want_dz) {
       const Acc zz = static_cast<Acc>(P.z(ln.b, d, l));
       P.dz(ln.b, d, l) = static_cast<T>(static_cast<Acc>(P.dout(ln.b, d, l)) * bt.y[t * CPB + c] * vsilu_grad(zz));
     }
-  }
+  });
   const bool bfast = token_fast(P.dB);
   for (int idx = threadIdx.x; idx < kSub * Npad; idx += kThreads) {
     int t, n;
@@ -428,8 +433,9 @@ struct LaneGrads {
 // Adjoint of seg_fwd. lam: in, d loss / d (state after the segment); out,
 // d loss / d (state before it).
 template <typename T, typename Acc, typename CF>
-__device__ __forceinline__ void seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, Acc* smem,
-                        Acc (&lam)[CF::kNPL], LaneGrads<Acc, CF::kNPL>& gr) {
+__device__ __forceinline__ void
+seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, Acc* smem, Acc (&lam)[CF::kNPL],
+    LaneGrads<Acc, CF::kNPL>& gr) {
   constexpr int NPL = CF::kNPL, LPC = CF::kLPC, CPB = CF::kCPB, Npad = CF::kNpad;
   const BwdTile<Acc> bt = bwd_tile<Acc, CF>(smem);
   Tile<Acc> fwd_in = bt.in;  // the snapshot pass needs no gy / raw
