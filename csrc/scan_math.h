@@ -1,5 +1,5 @@
-// Per-step math of the selective scan, shared by the CPU kernels and (later)
-// the CUDA kernels: every function here compiles for host and device.
+// Per-step math of the selective scan, shared by the CPU kernels and the
+// CUDA kernels (csrc/cuda/scan_cuda.cu, fork_conv1d_cuda.cu): every function here compiles for host and device.
 //
 // One scan step for channel d, state index n, token l (A = -exp(A_log) < 0):
 //   dt     = softplus(delta[l] + delta_bias[d])          (if delta_softplus)
@@ -36,6 +36,9 @@ VLSSM_HD T sigmoid(T x) {
 // minimax polynomial: max relative error about 2 ulp over the clamped range.
 // Underflows to exactly 0 below -87.34 (no denormals); overflows to +inf.
 VLSSM_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);  // device fast path: ex2.approx (MUFU), ~2 ulp, 0 below -87.3
+#else
   const float kHi = 88.3762626647949f;
   const float kLo = -87.3365447504f;
   const bool over = x > kHi;
@@ -58,6 +61,7 @@ VLSSM_HD float fast_exp(float x) {
   float res = p * scale;
   res = under ? 0.0f : res;
   return over ? INFINITY : res;
+#endif
 }
 
 // float64 is the ground-truth precision: use the libm exp.
@@ -89,11 +93,15 @@ VLSSM_HD float fast_log(float w) {
 // fast_log (log1p(e) = log(1+e) * e / ((1+e) - 1) keeps tiny e exact); the
 // double versions are the libm ground truth above.
 VLSSM_HD float vsoftplus(float x) {
+#if defined(__CUDA_ARCH__)
+  return x > 20.0f ? x : log1pf(__expf(x));  // device fast path
+#else
   const float e = fast_exp(x < 20.0f ? x : 20.0f);
   const float w = 1.0f + e;
   const float den = w - 1.0f;  // 0 only when e < 2^-24, where log1p(e) == e
   const float lp = fast_log(w) * (e / (den == 0.0f ? 1.0f : den));
   return x > 20.0f ? x : (den == 0.0f ? e : lp);
+#endif
 }
 VLSSM_HD double vsoftplus(double x) { return softplus(x); }
 
@@ -115,6 +123,20 @@ template <typename T>
 VLSSM_HD T vsilu_grad(T x) {
   const T s = vsigmoid(x);
   return s * (T(1) + x * (T(1) - s));
+}
+
+// fork_conv1d tap map (see csrc/cpu/fork_conv1d_cpu.cpp): the combined [P, S]
+// input position (0 .. p+s-1) read by tap k (k = K-1 is the current token) of
+// output o of [prefix | forward suffix | reversed suffix], or -1 for padding.
+VLSSM_HD int64_t fork_tap_source(int64_t o, int64_t k, int64_t p, int64_t s, int64_t K) {
+  if (o < p + s) {
+    const int64_t q = o - (K - 1) + k;
+    return q >= 0 ? q : -1;
+  }
+  const int64_t i = o - p - s;
+  const int64_t q = p + (s - 1 - i) - (K - 1) + k;
+  if (q >= p) return p + i + (K - 1 - k);
+  return q >= 0 ? q : -1;
 }
 
 }  // namespace vlssm

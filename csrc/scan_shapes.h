@@ -115,4 +115,60 @@ inline ScanShape check_fork_scan(const at::Tensor& u, const at::Tensor& delta, c
   return sh;
 }
 
+// selective_scan_backward: the forward's checks plus dout (like u),
+// dlast_state (b, D, N) and checkpoints (b, D, ceil(L / 64), N) in the
+// accumulation dtype.
+inline ScanShape check_selective_scan_backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlast_state,
+                                               const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                               const at::Tensor& B, const at::Tensor& C,
+                                               const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                                               const c10::optional<at::Tensor>& delta_bias,
+                                               const c10::optional<at::Tensor>& initial_state,
+                                               const at::Tensor& checkpoints) {
+  const ScanShape sh = check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state);
+  check_same("dout", dout, u);
+  const auto acc_type = acc_dtype(u.scalar_type());
+  check_checkpoints(checkpoints, {sh.batch, sh.dim, num_checkpoints(sh.L), sh.N}, acc_type);
+  if (dlast_state.has_value()) check_tensor("dlast_state", *dlast_state, {sh.batch, sh.dim, sh.N}, acc_type);
+  return sh;
+}
+
+// fork_scan_backward: the forward's checks plus dout (b, s, E), ysum (b, s, E)
+// and checkpoints (b, E, nck_p + 2 nck_s, N) in the accumulation dtype.
+inline ScanShape check_fork_scan_backward(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
+                                          const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                          const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                                          const c10::optional<at::Tensor>& delta_bias, const at::Tensor& ysum,
+                                          const at::Tensor& checkpoints, int64_t prefix_len) {
+  const ScanShape sh = check_fork_scan(u, delta, A, B, C, D, z, delta_bias, prefix_len);
+  const int64_t s = (sh.L - prefix_len) / 2;
+  const auto acc_type = acc_dtype(u.scalar_type());
+  check_tensor("dout", dout, {sh.batch, s, sh.dim}, u.scalar_type());
+  check_tensor("ysum", ysum, {sh.batch, s, sh.dim}, acc_type);
+  const int64_t nck = num_checkpoints(prefix_len) + 2 * num_checkpoints(s);
+  check_checkpoints(checkpoints, {sh.batch, sh.dim, nck, sh.N}, acc_type);
+  return sh;
+}
+
+// fork_conv1d: x_prefix (b, p, E), x_suffix (b, s, E), weight (E, K), bias (E),
+// all in x_prefix's dtype.
+struct ConvShape {
+  int64_t batch, p, s, E, K;
+};
+
+inline ConvShape check_fork_conv1d(const at::Tensor& xp, const at::Tensor& xs, const at::Tensor& w,
+                                   const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(xp.dim() == 3, "x_prefix must have shape (batch, prefix_len, dim), got ", shape_str(xp.sizes()));
+  TORCH_CHECK_VALUE(xs.dim() == 3, "x_suffix must have shape (batch, suffix_len, dim), got ", shape_str(xs.sizes()));
+  check_floating("x_prefix", xp);
+  TORCH_CHECK_VALUE(w.dim() == 2, "weight must have shape (dim, d_conv), got ", shape_str(w.sizes()));
+  const ConvShape sh{xp.size(0), xp.size(1), xs.size(1), xp.size(2), w.size(1)};
+  TORCH_CHECK_VALUE(sh.batch > 0 && sh.s > 0 && sh.E > 0 && sh.K > 0, "empty input: x_prefix ",
+                    shape_str(xp.sizes()), ", x_suffix ", shape_str(xs.sizes()), ", weight ", shape_str(w.sizes()));
+  check_act("x_suffix", xs, {sh.batch, sh.s, sh.E}, xp);
+  check_act("weight", w, {sh.E, sh.K}, xp);
+  if (bias.has_value()) check_act("bias", *bias, {sh.E}, xp);
+  return sh;
+}
+
 }  // namespace vlssm

@@ -25,36 +25,9 @@ namespace vlssm {
 namespace cpu {
 namespace {
 
-struct ConvShape {
-  int64_t batch, p, s, E, K;
-};
-
-ConvShape check_fork_conv1d(const at::Tensor& xp, const at::Tensor& xs, const at::Tensor& w,
-                            const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(xp.dim() == 3, "x_prefix must have shape (batch, prefix_len, dim), got ", shape_str(xp.sizes()));
-  TORCH_CHECK_VALUE(xs.dim() == 3, "x_suffix must have shape (batch, suffix_len, dim), got ", shape_str(xs.sizes()));
-  check_floating("x_prefix", xp);
-  TORCH_CHECK_VALUE(w.dim() == 2, "weight must have shape (dim, d_conv), got ", shape_str(w.sizes()));
-  const ConvShape sh{xp.size(0), xp.size(1), xs.size(1), xp.size(2), w.size(1)};
-  TORCH_CHECK_VALUE(sh.batch > 0 && sh.s > 0 && sh.E > 0 && sh.K > 0, "empty input: x_prefix ",
-                    shape_str(xp.sizes()), ", x_suffix ", shape_str(xs.sizes()), ", weight ", shape_str(w.sizes()));
-  check_act("x_suffix", xs, {sh.batch, sh.s, sh.E}, xp);
-  check_act("weight", w, {sh.E, sh.K}, xp);
-  if (bias.has_value()) check_act("bias", *bias, {sh.E}, xp);
-  return sh;
-}
-
 // Combined [P, S] position read by tap k of output o, or -1 for padding.
 inline int64_t tap_source(int64_t o, int64_t k, const ConvShape& sh) {
-  const int64_t p = sh.p, s = sh.s, K = sh.K;
-  if (o < p + s) {
-    const int64_t q = o - (K - 1) + k;
-    return q >= 0 ? q : -1;
-  }
-  const int64_t i = o - p - s;
-  const int64_t q = p + (s - 1 - i) - (K - 1) + k;
-  if (q >= p) return p + i + (K - 1 - k);
-  return q >= 0 ? q : -1;
+  return fork_tap_source(o, k, sh.p, sh.s, sh.K);
 }
 
 // Row pointers of [P, S] as one token sequence without a copy; the channel

@@ -649,12 +649,10 @@ std::vector<at::Tensor> selective_scan_backward_cpu(
     const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
     const at::Tensor& checkpoints, bool delta_softplus, bool reverse) {
-  const ScanShape sh = check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state);
-  check_same("dout", dout, u);
+  const ScanShape sh = check_selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                                                     initial_state, checkpoints);
   const int64_t nck = num_checkpoints(sh.L);
   const auto acc_type = acc_dtype(u.scalar_type());
-  check_checkpoints(checkpoints, {sh.batch, sh.dim, nck, sh.N}, acc_type);
-  if (dlast_state.has_value()) check_tensor("dlast_state", *dlast_state, {sh.batch, sh.dim, sh.N}, acc_type);
   const auto acc_opts = u.options().dtype(acc_type);
   at::Tensor du = at::empty({sh.batch, sh.dim, sh.L}, u.options());
   at::Tensor ddelta = at::empty({sh.batch, sh.dim, sh.L}, u.options());
@@ -719,12 +717,10 @@ std::vector<at::Tensor> fork_scan_backward_cpu(
     const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
     const c10::optional<at::Tensor>& delta_bias, const at::Tensor& ysum, const at::Tensor& checkpoints,
     int64_t prefix_len, bool delta_softplus) {
-  const ScanShape sh = check_fork_scan(u, delta, A, B, C, D, z, delta_bias, prefix_len);
+  const ScanShape sh =
+      check_fork_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, prefix_len);
   const ForkLayout fl(prefix_len, (sh.L - prefix_len) / 2);
   const auto acc_type = acc_dtype(u.scalar_type());
-  check_tensor("dout", dout, {sh.batch, fl.s, sh.dim}, u.scalar_type());
-  check_tensor("ysum", ysum, {sh.batch, fl.s, sh.dim}, acc_type);
-  check_checkpoints(checkpoints, {sh.batch, sh.dim, fl.nck, sh.N}, acc_type);
   const auto acc_opts = u.options().dtype(acc_type);
   at::Tensor du = at::empty({sh.batch, sh.L, sh.dim}, u.options());
   at::Tensor ddelta = at::empty({sh.batch, sh.L, sh.dim}, u.options());

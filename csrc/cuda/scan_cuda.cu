@@ -1,0 +1,874 @@
+// CUDA kernels of vlssm::selective_scan and vlssm::fork_scan (forward and
+// backward). Same algorithm and outputs as csrc/cpu/scan_cpu.cpp.
+//
+// Work split (both ops, both directions): one block of kThreads = 128 threads
+// per (batch b, kCPB consecutive channels); grid (ceil(D / kCPB), b). Inside a
+// block, a group of kLPC consecutive lanes owns one channel and each lane owns
+// kNPL states (n = lane_in_group * kNPL + k) in registers (compile-time arrays,
+// constant indices). Configurations (kNPL, kLPC) by N: N <= 4: (4, 1); N <= 16:
+// (4, 4); N <= 64: (4, 16); N <= 256: (8, 32). States n >= N are masked: A = 0,
+// B = C = 0 and state 0, so they contribute nothing. y = C.h is reduced over the
+// group with __shfl_xor_sync. Time is a sequential loop.
+//
+// Shared memory (dynamic, Acc = fp32, or fp64 for float64 inputs): each tile of
+// tokens (forward: kTileF = 32 steps, backward: kSub = 8 steps) is staged once
+// per block with coalesced loads: B and C rows (tile x Npad), u, dt =
+// softplus(delta + bias) (computed once per (token, channel) here, not per
+// lane), and in the backward delta + bias and the output gradient
+// gy = dout * silu(z). Outputs are collected per tile in shared memory and
+// written back coalesced (channel-fastest for token-major tensors,
+// token-fastest for channel-major ones: the mapping follows the strides).
+// All operands are read through element strides: transposed views and batch
+// broadcast (stride 0) work without copies.
+//
+// Forward: h in registers; checkpoint c (state before walk step 64 c) written
+// to (b, D, nck, N). fork_scan is one launch: prefix once, its final state kept
+// in registers, forward suffix (y_f + D u stored into ysum), then the reversed
+// suffix walked from its last token (ysum += y_r + D u, out = ysum * silu(z)).
+//
+// Backward: per segment, chunks of 64 walk steps in reverse order. For a
+// chunk, the state is reloaded from its checkpoint, a first pass recomputes the
+// chunk and keeps a snapshot every kSub = 8 steps (shared memory, thread-
+// private slots: registers would cost 32+ per thread); then each
+// 8-step sub-chunk (last first) is recomputed into registers (the 9 states;
+// exp(dt A) is recomputed in the adjoint) and walked backwards with the adjoint lam (= d loss / d h), as
+// segment_bwd in scan_cpu.cpp. fork_scan: reversed suffix and forward suffix
+// from lam = 0, adjoints summed at the end of the prefix, then the prefix.
+// Reductions: dB / dC over channels: warp shuffles, then shared-memory atomics
+// per block, then one global atomicAdd per (token, state) per block into a
+// zeroed Acc buffer (cast to the input dtype afterwards when it differs).
+// dA / dD / d delta_bias over batch: per-thread register sums over tokens,
+// then global atomicAdd into zeroed Acc outputs. Floating-point atomics make
+// dA, dB, dC, dD and d delta_bias not bitwise deterministic run to run (order
+// of b / channel-block summation); du, ddelta, dz, dinitial_state and all
+// forward outputs are deterministic.
+//
+// Bytes per token (floor, fork_scan forward, bf16, N = 16, per (b, token)):
+// read u, delta (2 E x 2 B) + B, C (2 N x 2 B) + z on the suffix, write out
+// (2 B) + ysum (4 B) per suffix token per channel, checkpoints
+// 4 N B per 64 tokens per channel. See bench/NOTES-cuda.md.
+//
+// No allocations besides the outputs and, for fp16 / bf16, Acc buffers of
+// dB / dC (b, L, N) (and .contiguous() copies of A, D, delta_bias,
+// checkpoints when they are not contiguous). No host syncs.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace vlssm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTileF = 32;                      // forward tile (walk steps)
+constexpr int kSub = 8;                         // backward sub-chunk (walk steps)
+constexpr int kChunkI = 64;                     // == kCheckpointChunk
+constexpr int kNumSub = kChunkI / kSub;         // snapshots per chunk
+static_assert(kChunkI == kCheckpointChunk, "checkpoint chunk");
+static_assert(kChunkI % kTileF == 0 && kChunkI % kSub == 0, "tiles divide the chunk");
+
+template <int NPL, int LPC>
+struct Cfg {
+  static constexpr int kNPL = NPL;              // states per lane
+  static constexpr int kLPC = LPC;              // lanes per channel
+  static constexpr int kCPB = kThreads / LPC;   // channels per block
+  static constexpr int kNpad = NPL * LPC;       // states per channel incl. padding
+  static_assert(32 % LPC == 0, "a channel's lanes lie in one warp");
+};
+
+template <typename T, typename Acc>
+struct ScanParams {
+  V3<const T> u, delta, z, dout;  // (b, channel, token); z / dout of fork_scan by suffix token
+  V3<const T> B, C;               // (b, state, token)
+  const Acc* A = nullptr;         // (D, N) contiguous
+  const Acc* Dskip = nullptr;     // (D) or null
+  const Acc* bias = nullptr;      // (D) or null
+  int batch = 0, dim = 0, N = 0;
+  int64_t L = 0, p = 0, s = 0;
+  bool softplus = false, fork = false, reverse = false;
+  Acc* ck = nullptr;              // (b, D, nck, N) contiguous
+  int64_t nck = 0, nck_p = 0, nck_s = 0;
+  // forward
+  const Acc* h0 = nullptr;        // (b, D, N) or null
+  Acc* last = nullptr;            // (b, D, N)
+  V3<T> out;                      // (b, channel, token)
+  V3<Acc> ysum;                   // (b, channel, suffix token)
+  // backward
+  const Acc* dlast = nullptr;     // (b, D, N) or null
+  Acc* dh0 = nullptr;             // (b, D, N) or null
+  V3<T> du, ddelta, dz;
+  V3<Acc> dB, dC;                 // zeroed accumulation buffers (b, state, token)
+  Acc* dA = nullptr;              // (D, N) zeroed
+  Acc* dD = nullptr;              // (D) zeroed
+  Acc* dbias = nullptr;           // (D) zeroed
+};
+
+// One segment of the walk. mode: 0 prefix (no output), 1 selective_scan
+// (out per token), 2 fork forward suffix, 3 fork reversed suffix.
+struct Seg {
+  int64_t l0, len;
+  bool rev;
+  int64_t ck_off;
+  int mode;
+  int64_t zoff;  // suffix token index = token - zoff (modes 2, 3)
+  __device__ __forceinline__ int64_t tok(int64_t j) const { return rev ? l0 + len - 1 - j : l0 + j; }
+};
+
+template <int LPC, typename Acc>
+__device__ __forceinline__ Acc group_sum(Acc v) {
+#pragma unroll
+  for (int o = LPC / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the channel groups of a warp (lanes with the same lane_in_group).
+template <int LPC, typename Acc>
+__device__ __forceinline__ Acc cross_group_sum(Acc v) {
+#pragma unroll
+  for (int o = LPC; o < 32; o *= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Index mapping of a (tile token t, x) loop: x-fastest unless the tensor is
+// token-contiguous (then t-fastest), so global accesses coalesce.
+__device__ __forceinline__ void tile_map(int idx, int nt, int nx, bool tfast, int& t, int& x) {
+  if (tfast) {
+    x = idx / nt;
+    t = idx - x * nt;
+  } else {
+    t = idx / nx;
+    x = idx - t * nx;
+  }
+}
+
+template <typename V>
+__device__ __forceinline__ bool token_fast(const V& v) {
+  return v.sl == 1 && v.sx != 1;
+}
+
+// f(t, c, d, l) for every valid (tile step t, channel c = d - d0) of a tile
+// of TT walk steps starting at j0; l is the token of step j0 + t.
+template <int TT, int CPB, typename F>
+__device__ __forceinline__ void for_tile_channels(int d0, int dim, const Seg& sg, int64_t j0, int64_t jend, bool tfast,
+                                                  F&& f) {
+  for (int idx = threadIdx.x; idx < TT * CPB; idx += kThreads) {
+    int t, c;
+    tile_map(idx, TT, CPB, tfast, t, c);
+    const int64_t j = j0 + t;
+    const int d = d0 + c;
+    if (j < jend && d < dim) f(t, c, d, sg.tok(j));
+  }
+}
+
+// Shared-memory tile of TT walk steps starting at j0 (steps >= jend and
+// channels >= dim are zero-filled).
+template <typename Acc>
+struct Tile {
+  Acc *B, *C, *u, *dt, *raw, *gy;
+};
+
+template <typename T, typename Acc, typename CF, int TT>
+__device__ __forceinline__ void
+stage_tile(const ScanParams<T, Acc>& P, int b, int d0, const Seg& sg, int64_t j0, int64_t jend, const Tile<Acc>& tl,
+    bool write_dz) {
+  constexpr int CPB = CF::kCPB, Npad = CF::kNpad;
+  const bool bfast = token_fast(P.B);
+  for (int idx = threadIdx.x; idx < TT * Npad; idx += kThreads) {
+    int t, n;
+    tile_map(idx, TT, Npad, bfast, t, n);
+    const int64_t j = j0 + t;
+    Acc bv = Acc(0), cv = Acc(0);
+    if (j < jend && n < P.N) {
+      const int64_t l = sg.tok(j);
+      bv = static_cast<Acc>(P.B(b, n, l));
+      cv = static_cast<Acc>(P.C(b, n, l));
+    }
+    tl.B[t * Npad + n] = bv;
+    tl.C[t * Npad + n] = cv;
+  }
+  const bool ufast = token_fast(P.u);
+  for (int idx = threadIdx.x; idx < TT * CPB; idx += kThreads) {
+    int t, c;
+    tile_map(idx, TT, CPB, ufast, t, c);
+    const int64_t j = j0 + t;
+    const int d = d0 + c;
+    Acc uu = Acc(0), raw = Acc(0), dt = Acc(0), gy = Acc(0);
+    if (j < jend && d < P.dim) {
+      const int64_t l = sg.tok(j);
+      uu = static_cast<Acc>(P.u(b, d, l));
+      raw = static_cast<Acc>(P.delta(b, d, l)) + (P.bias ? P.bias[d] : Acc(0));
+      dt = P.softplus ? vsoftplus(raw) : raw;
+      if (tl.gy != nullptr && sg.mode != 0) {
+        const int64_t i = l - sg.zoff;
+        const Acc g = static_cast<Acc>(P.dout(b, d, i));
+        if (P.z.p != nullptr) {
+          const Acc zz = static_cast<Acc>(P.z(b, d, i));
+          gy = g * vsilu(zz);
+          if (write_dz && sg.mode == 3) P.dz(b, d, i) = static_cast<T>(g * P.ysum(b, d, i) * vsilu_grad(zz));
+        } else {
+          gy = g;
+        }
+      }
+    }
+    tl.u[t * CPB + c] = uu;
+    tl.dt[t * CPB + c] = dt;
+    if (tl.raw != nullptr) tl.raw[t * CPB + c] = raw;
+    if (tl.gy != nullptr) tl.gy[t * CPB + c] = gy;
+  }
+}
+
+// Per-thread constants of a channel.
+template <typename Acc, int NPL>
+struct Lane {
+  int b, d0, ch, g, d;
+  bool valid;
+  Acc Ar[NPL];
+  Acc Dd;
+  __device__ __forceinline__ int n(int k) const { return g * NPL + k; }
+};
+
+template <typename T, typename Acc, typename CF>
+__device__ __forceinline__ Lane<Acc, CF::kNPL> make_lane(const ScanParams<T, Acc>& P) {
+  Lane<Acc, CF::kNPL> ln;
+  ln.b = blockIdx.y;
+  ln.d0 = blockIdx.x * CF::kCPB;
+  ln.ch = threadIdx.x / CF::kLPC;
+  ln.g = threadIdx.x % CF::kLPC;
+  ln.d = ln.d0 + ln.ch;
+  ln.valid = ln.d < P.dim;
+#pragma unroll
+  for (int k = 0; k < CF::kNPL; ++k) {
+    const int n = ln.n(k);
+    ln.Ar[k] = (ln.valid && n < P.N) ? P.A[static_cast<int64_t>(ln.d) * P.N + n] : Acc(0);
+  }
+  ln.Dd = (ln.valid && P.Dskip) ? P.Dskip[ln.d] : Acc(0);
+  return ln;
+}
+
+template <typename T, typename Acc, int NPL>
+__device__ __forceinline__ Acc* ck_row(const ScanParams<T, Acc>& P, const Lane<Acc, NPL>& ln, int64_t c) {
+  return P.ck + ((static_cast<int64_t>(ln.b) * P.dim + ln.d) * P.nck + c) * P.N;
+}
+
+template <typename T, typename Acc, int NPL>
+__device__ __forceinline__ Acc* state_row(Acc* base, const ScanParams<T, Acc>& P, const Lane<Acc, NPL>& ln) {
+  return base + (static_cast<int64_t>(ln.b) * P.dim + ln.d) * P.N;
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+
+template <typename T, typename Acc, typename CF>
+__device__ __forceinline__ void
+flush_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, int64_t j0, int64_t jend,
+    const Acc* sy) {
+  constexpr int CPB = CF::kCPB;
+  const bool tfast = sg.mode == 1 ? token_fast(P.out) : false;
+  for_tile_channels<kTileF, CPB>(ln.d0, P.dim, sg, j0, jend, tfast, [&](int t, int c, int d, int64_t l) {
+    Acc y = sy[t * CPB + c];
+    if (sg.mode == 1) {
+      P.out(ln.b, d, l) = static_cast<T>(P.z.p ? y * vsilu(static_cast<Acc>(P.z(ln.b, d, l))) : y);
+    } else if (sg.mode == 2) {
+      P.ysum(ln.b, d, l - sg.zoff) = y;
+    } else {
+      const int64_t i = l - sg.zoff;
+      y += P.ysum(ln.b, d, i);
+      P.ysum(ln.b, d, i) = y;
+      P.out(ln.b, d, i) = static_cast<T>(P.z.p ? y * vsilu(static_cast<Acc>(P.z(ln.b, d, i))) : y);
+    }
+  });
+}
+
+template <typename T, typename Acc, typename CF>
+__device__ __forceinline__ void
+seg_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, Acc* smem, Acc (&h)[CF::kNPL]) {
+  constexpr int NPL = CF::kNPL, LPC = CF::kLPC, CPB = CF::kCPB, Npad = CF::kNpad;
+  Tile<Acc> tl;
+  tl.B = smem;
+  tl.C = tl.B + kTileF * Npad;
+  tl.u = tl.C + kTileF * Npad;
+  tl.dt = tl.u + kTileF * CPB;
+  tl.raw = nullptr;
+  tl.gy = nullptr;
+  Acc* sy = tl.dt + kTileF * CPB;
+  for (int64_t j0 = 0; j0 < sg.len; j0 += kTileF) {
+    const int64_t jend = min(sg.len, j0 + kTileF);
+    __syncthreads();  // previous tile's readers are done
+    stage_tile<T, Acc, CF, kTileF>(P, ln.b, ln.d0, sg, j0, jend, tl, false);
+    __syncthreads();
+    const int nt = static_cast<int>(jend - j0);
+    for (int t = 0; t < nt; ++t) {
+      const int64_t j = j0 + t;
+      if ((j % kChunkI) == 0 && ln.valid) {
+        Acc* row = ck_row(P, ln, sg.ck_off + j / kChunkI);
+#pragma unroll
+        for (int k = 0; k < NPL; ++k)
+          if (ln.n(k) < P.N) row[ln.n(k)] = h[k];
+      }
+      const Acc dt = tl.dt[t * CPB + ln.ch], uu = tl.u[t * CPB + ln.ch];
+      const Acc dtu = dt * uu;
+      Acc y = Acc(0);
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) {
+        const int n = ln.n(k);
+        h[k] = fast_exp(dt * ln.Ar[k]) * h[k] + dtu * tl.B[t * Npad + n];
+        y += h[k] * tl.C[t * Npad + n];
+      }
+      y = group_sum<LPC>(y);
+      if (ln.g == 0) sy[t * CPB + ln.ch] = y + ln.Dd * uu;
+    }
+    __syncthreads();
+    if (sg.mode != 0) flush_fwd<T, Acc, CF>(P, ln, sg, j0, jend, sy);
+  }
+}
+
+template <typename T, typename Acc, typename CF>
+__global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams<T, Acc> P) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Acc* smem = reinterpret_cast<Acc*>(smem_raw);
+  constexpr int NPL = CF::kNPL;
+  const auto ln = make_lane<T, Acc, CF>(P);
+  Acc h[NPL];
+#pragma unroll
+  for (int k = 0; k < NPL; ++k) {
+    const int n = ln.n(k);
+    h[k] = (!P.fork && P.h0 && ln.valid && n < P.N) ? state_row(const_cast<Acc*>(P.h0), P, ln)[n] : Acc(0);
+  }
+  // One call site of seg_fwd (code size): selective_scan has one segment;
+  // fork_scan the prefix, the forward suffix and the reversed suffix.
+  Acc hP[NPL];
+#pragma unroll
+  for (int k = 0; k < NPL; ++k) hP[k] = Acc(0);
+  const int nseg = P.fork ? 3 : 1;
+  for (int si = 0; si < nseg; ++si) {
+    Seg sg{0, P.L, P.reverse, 0, 1, 0};
+    if (P.fork) {
+      if (si == 0) sg = Seg{0, P.p, false, 0, 0, 0};
+      if (si == 1) sg = Seg{P.p, P.s, false, P.nck_p, 2, P.p};
+      if (si == 2) sg = Seg{P.p + P.s, P.s, true, P.nck_p + P.nck_s, 3, P.p + P.s};
+    }
+    if (si == 2) {  // the reversed suffix also starts from the prefix state
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) h[k] = hP[k];
+    }
+    seg_fwd<T, Acc, CF>(P, ln, sg, smem, h);
+    if (si == 0) {
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) hP[k] = h[k];
+    }
+  }
+  if (!P.fork && ln.valid) {
+    Acc* row = state_row(P.last, P, ln);
+#pragma unroll
+    for (int k = 0; k < NPL; ++k)
+      if (ln.n(k) < P.N) row[ln.n(k)] = h[k];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+
+template <typename Acc>
+struct BwdTile {
+  Tile<Acc> in;
+  Acc *dB, *dC, *du, *dd, *y;
+  Acc* snap;  // (kNumSub, kNPL, kThreads): per-thread state snapshots, thread-private
+};
+
+template <typename Acc, typename CF>
+__device__ __forceinline__ BwdTile<Acc> bwd_tile(Acc* smem) {
+  constexpr int CPB = CF::kCPB, Npad = CF::kNpad;
+  BwdTile<Acc> bt;
+  bt.in.B = smem;
+  bt.in.C = bt.in.B + kSub * Npad;
+  bt.dB = bt.in.C + kSub * Npad;
+  bt.dC = bt.dB + kSub * Npad;
+  bt.in.u = bt.dC + kSub * Npad;
+  bt.in.dt = bt.in.u + kSub * CPB;
+  bt.in.raw = bt.in.dt + kSub * CPB;
+  bt.in.gy = bt.in.raw + kSub * CPB;
+  bt.du = bt.in.gy + kSub * CPB;
+  bt.dd = bt.du + kSub * CPB;
+  bt.y = bt.dd + kSub * CPB;
+  bt.snap = bt.y + kSub * CPB;
+  return bt;
+}
+
+template <typename T, typename Acc, typename CF>
+__device__ __forceinline__ void
+flush_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, int64_t j0, int64_t jend,
+    const BwdTile<Acc>& bt) {
+  constexpr int CPB = CF::kCPB, Npad = CF::kNpad;
+  const bool tfast = token_fast(P.du);
+  const bool want_dz = sg.mode == 1 && P.z.p != nullptr;
+  for_tile_channels<kSub, CPB>(ln.d0, P.dim, sg, j0, jend, tfast, [&](int t, int c, int d, int64_t l) {
+    P.du(ln.b, d, l) = static_cast<T>(bt.du[t * CPB + c]);
+    P.ddelta(ln.b, d, l) = static_cast<T>(bt.dd[t * CPB + c]);
+    if (want_dz) {
+      const Acc zz = static_cast<Acc>(P.z(ln.b, d, l));
+      P.dz(ln.b, d, l) = static_cast<T>(static_cast<Acc>(P.dout(ln.b, d, l)) * bt.y[t * CPB + c] * vsilu_grad(zz));
+    }
+  });
+  const bool bfast = token_fast(P.dB);
+  for (int idx = threadIdx.x; idx < kSub * Npad; idx += kThreads) {
+    int t, n;
+    tile_map(idx, kSub, Npad, bfast, t, n);
+    const int64_t j = j0 + t;
+    if (j >= jend || n >= P.N) continue;
+    const int64_t l = sg.tok(j);
+    atomicAdd(&P.dB(ln.b, n, l), bt.dB[t * Npad + n]);
+    atomicAdd(&P.dC(ln.b, n, l), bt.dC[t * Npad + n]);
+  }
+}
+
+// Per-thread gradient accumulators over the whole walk.
+template <typename Acc, int NPL>
+struct LaneGrads {
+  Acc dA[NPL];
+  Acc dD, dbias;
+};
+
+// Adjoint of seg_fwd. lam: in, d loss / d (state after the segment); out,
+// d loss / d (state before it).
+template <typename T, typename Acc, typename CF>
+__device__ __forceinline__ void
+seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, Acc* smem, Acc (&lam)[CF::kNPL],
+    LaneGrads<Acc, CF::kNPL>& gr) {
+  constexpr int NPL = CF::kNPL, LPC = CF::kLPC, CPB = CF::kCPB, Npad = CF::kNpad;
+  const BwdTile<Acc> bt = bwd_tile<Acc, CF>(smem);
+  Tile<Acc> fwd_in = bt.in;  // the snapshot pass needs no gy / raw
+  fwd_in.gy = nullptr;
+  fwd_in.raw = nullptr;
+  const int lane = threadIdx.x & 31;
+  const int64_t nch = (sg.len + kChunkI - 1) / kChunkI;
+  for (int64_t c = nch - 1; c >= 0; --c) {
+    const int64_t cj0 = c * kChunkI, cjend = min(sg.len, cj0 + kChunkI);
+    const int nsub = static_cast<int>((cjend - cj0 + kSub - 1) / kSub);
+    Acc h[NPL];
+    {
+      const Acc* row = ln.valid ? ck_row(P, ln, sg.ck_off + c) : nullptr;
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) h[k] = (row && ln.n(k) < P.N) ? row[ln.n(k)] : Acc(0);
+    }
+    // Pass 1: snapshots of the state every kSub steps, in shared memory
+    // (each thread reads back only its own: no barrier needed for them).
+    for (int sc = 0; sc < nsub; ++sc) {
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) bt.snap[(sc * NPL + k) * kThreads + threadIdx.x] = h[k];
+      if (sc == nsub - 1) break;  // the last sub-chunk's end state is not needed
+      const int64_t j0 = cj0 + sc * kSub;
+      const int64_t jend = min(cjend, j0 + kSub);
+      __syncthreads();
+      stage_tile<T, Acc, CF, kSub>(P, ln.b, ln.d0, sg, j0, jend, fwd_in, false);
+      __syncthreads();
+#pragma unroll
+      for (int t = 0; t < kSub; ++t) {  // full sub-chunk: jend == j0 + kSub here
+        const Acc dt = bt.in.dt[t * CPB + ln.ch];
+        const Acc dtu = dt * bt.in.u[t * CPB + ln.ch];
+#pragma unroll
+        for (int k = 0; k < NPL; ++k)
+          h[k] = fast_exp(dt * ln.Ar[k]) * h[k] + dtu * bt.in.B[t * Npad + ln.n(k)];
+      }
+    }
+    // Pass 2: sub-chunks last to first.
+    for (int sc = nsub - 1; sc >= 0; --sc) {
+      const int64_t j0 = cj0 + sc * kSub;
+      const int64_t jend = min(cjend, j0 + kSub);
+      const int nt = static_cast<int>(jend - j0);
+      Acc hb[kSub + 1][NPL];  // hb[t] = state before step t of the sub-chunk
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) hb[0][k] = bt.snap[(sc * NPL + k) * kThreads + threadIdx.x];
+      __syncthreads();
+      stage_tile<T, Acc, CF, kSub>(P, ln.b, ln.d0, sg, j0, jend, bt.in, true);
+      for (int idx = threadIdx.x; idx < kSub * Npad; idx += kThreads) {
+        bt.dB[idx] = Acc(0);
+        bt.dC[idx] = Acc(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int t = 0; t < kSub; ++t) {  // steps t >= nt see dt = u = 0: ea = 1, state unchanged, unused
+        const Acc dt = bt.in.dt[t * CPB + ln.ch];
+        const Acc dtu = dt * bt.in.u[t * CPB + ln.ch];
+#pragma unroll
+        for (int k = 0; k < NPL; ++k)
+          hb[t + 1][k] = fast_exp(dt * ln.Ar[k]) * hb[t][k] + dtu * bt.in.B[t * Npad + ln.n(k)];
+      }
+#pragma unroll
+      for (int t = kSub - 1; t >= 0; --t) {
+        if (t >= nt) continue;  // block-uniform
+        const int o = t * CPB + ln.ch;
+        const Acc dt = bt.in.dt[o], uu = bt.in.u[o], gj = bt.in.gy[o];
+        Acc ddt = Acc(0), dus = Acc(0), y = Acc(0);
+        Acc vdb[NPL], vdc[NPL];
+#pragma unroll
+        for (int k = 0; k < NPL; ++k) {
+          const int n = ln.n(k);
+          const Acc bn = bt.in.B[t * Npad + n], cn = bt.in.C[t * Npad + n];
+          const Acc hc = hb[t + 1][k];
+          const Acc ea = fast_exp(dt * ln.Ar[k]);  // recomputed: fewer registers than storing it
+          y += hc * cn;
+          vdc[k] = gj * hc;
+          const Acc lk = lam[k] + gj * cn;        // d loss / d h_t
+          const Acc tt = lk * hb[t][k] * ea;  // d loss / d (dt * A)
+          ddt += tt * ln.Ar[k] + lk * bn * uu;
+          gr.dA[k] += tt * dt;
+          vdb[k] = lk * dt * uu;
+          dus += lk * bn;
+          lam[k] = lk * ea;                 // d loss / d h_{t-1}
+        }
+        ddt = group_sum<LPC>(ddt);
+        dus = group_sum<LPC>(dus);
+        y = group_sum<LPC>(y);
+#pragma unroll
+        for (int k = 0; k < NPL; ++k) {
+          const Acc sb = cross_group_sum<LPC>(vdb[k]);
+          const Acc sc2 = cross_group_sum<LPC>(vdc[k]);
+          if (lane < LPC) {
+            atomicAdd(&bt.dB[t * Npad + ln.n(k)], sb);
+            atomicAdd(&bt.dC[t * Npad + ln.n(k)], sc2);
+          }
+        }
+        if (ln.g == 0) {
+          const Acc raw = bt.in.raw[o];
+          const Acc draw = P.softplus ? ddt * vsoftplus_grad(raw) : ddt;
+          bt.du[o] = dus * dt + gj * ln.Dd;
+          bt.dd[o] = draw;
+          bt.y[o] = y + ln.Dd * uu;
+          gr.dD += gj * uu;
+          gr.dbias += draw;
+        }
+      }
+      __syncthreads();
+      flush_bwd<T, Acc, CF>(P, ln, sg, j0, jend, bt);
+    }
+  }
+}
+
+template <typename T, typename Acc, typename CF>
+__global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T, Acc> P) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Acc* smem = reinterpret_cast<Acc*>(smem_raw);
+  constexpr int NPL = CF::kNPL;
+  const auto ln = make_lane<T, Acc, CF>(P);
+  LaneGrads<Acc, NPL> gr;
+#pragma unroll
+  for (int k = 0; k < NPL; ++k) gr.dA[k] = Acc(0);
+  gr.dD = Acc(0);
+  gr.dbias = Acc(0);
+  // One call site of seg_bwd (code size). fork_scan: reversed suffix and
+  // forward suffix from lam = 0, their start adjoints summed, then the prefix.
+  Acc lam[NPL], lam_r[NPL];
+#pragma unroll
+  for (int k = 0; k < NPL; ++k) {
+    const int n = ln.n(k);
+    lam[k] = (!P.fork && P.dlast && ln.valid && n < P.N) ? state_row(const_cast<Acc*>(P.dlast), P, ln)[n] : Acc(0);
+    lam_r[k] = Acc(0);
+  }
+  const int nseg = P.fork ? 3 : 1;
+  for (int si = 0; si < nseg; ++si) {
+    Seg sg{0, P.L, P.reverse, 0, 1, 0};
+    if (P.fork) {
+      if (si == 0) sg = Seg{P.p + P.s, P.s, true, P.nck_p + P.nck_s, 3, P.p + P.s};
+      if (si == 1) sg = Seg{P.p, P.s, false, P.nck_p, 2, P.p};
+      if (si == 2) sg = Seg{0, P.p, false, 0, 0, 0};
+    }
+    seg_bwd<T, Acc, CF>(P, ln, sg, smem, lam, gr);
+    if (P.fork && si == 0) {
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) {
+        lam_r[k] = lam[k];
+        lam[k] = Acc(0);
+      }
+    }
+    if (P.fork && si == 1) {
+#pragma unroll
+      for (int k = 0; k < NPL; ++k) lam[k] += lam_r[k];
+    }
+  }
+  if (!P.fork && P.dh0 && ln.valid) {
+    Acc* row = state_row(P.dh0, P, ln);
+#pragma unroll
+    for (int k = 0; k < NPL; ++k)
+      if (ln.n(k) < P.N) row[ln.n(k)] = lam[k];
+  }
+  if (ln.valid) {
+#pragma unroll
+    for (int k = 0; k < NPL; ++k)
+      if (ln.n(k) < P.N) atomicAdd(&P.dA[static_cast<int64_t>(ln.d) * P.N + ln.n(k)], gr.dA[k]);
+    if (ln.g == 0) {
+      atomicAdd(&P.dD[ln.d], gr.dD);
+      atomicAdd(&P.dbias[ln.d], gr.dbias);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+
+template <typename F>
+void with_cfg(int64_t N, F&& f) {
+  if (N <= 4) {
+    f(Cfg<4, 1>{});
+  } else if (N <= 16) {
+    f(Cfg<4, 4>{});
+  } else if (N <= 64) {
+    f(Cfg<4, 16>{});
+  } else if (N <= 256) {
+    f(Cfg<8, 32>{});
+  } else {
+    TORCH_CHECK_VALUE(false, "the CUDA scan supports dstate N <= 256, got ", N);
+  }
+}
+
+template <typename Acc, typename CF>
+size_t fwd_smem() {
+  return sizeof(Acc) * (2 * kTileF * CF::kNpad + 3 * kTileF * CF::kCPB);
+}
+template <typename Acc, typename CF>
+size_t bwd_smem() {
+  return sizeof(Acc) * (4 * kSub * CF::kNpad + 7 * kSub * CF::kCPB + kNumSub * CF::kNPL * kThreads);
+}
+
+// Launch the forward (bwd = false) or backward kernel of the config for N.
+template <typename T, typename Acc>
+void launch(const ScanParams<T, Acc>& P, bool bwd) {
+  with_cfg(P.N, [&](auto cf) {
+    using CF = decltype(cf);
+    const dim3 grid((P.dim + CF::kCPB - 1) / CF::kCPB, P.batch);
+    const size_t smem = bwd ? bwd_smem<Acc, CF>() : fwd_smem<Acc, CF>();
+    auto kernel = bwd ? scan_bwd_kernel<T, Acc, CF> : scan_fwd_kernel<T, Acc, CF>;
+    allow_smem(kernel, smem);
+    kernel<<<grid, kThreads, smem, current_stream()>>>(P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void check_grid(const ScanShape& sh) {
+  TORCH_CHECK_VALUE(sh.batch <= 65535, "the CUDA scan supports batch <= 65535, got ", sh.batch);
+  TORCH_CHECK_VALUE(sh.dim < (int64_t(1) << 31), "dim too large: ", sh.dim);
+}
+
+// Common operand fields. token_major: (b, L, D) operands (fork_scan).
+template <typename T, typename Acc>
+ScanParams<T, Acc> make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& Ac,
+                               const at::Tensor& B, const at::Tensor& C, const at::Tensor& Dc,
+                               const c10::optional<at::Tensor>& z, const at::Tensor& bc, const ScanShape& sh,
+                               bool softplus, bool token_major) {
+  const int x = token_major ? 2 : 1, l = token_major ? 1 : 2;
+  ScanParams<T, Acc> P;
+  P.u = view3<const T>(u, 0, x, l);
+  P.delta = view3<const T>(delta, 0, x, l);
+  P.B = view3<const T>(B, 0, x, l);
+  P.C = view3<const T>(C, 0, x, l);
+  if (z.has_value()) P.z = view3<const T>(*z, 0, x, l);
+  P.A = Ac.data_ptr<Acc>();
+  P.Dskip = ptr_or_null<Acc>(Dc);
+  P.bias = ptr_or_null<Acc>(bc);
+  P.batch = static_cast<int>(sh.batch);
+  P.dim = static_cast<int>(sh.dim);
+  P.N = static_cast<int>(sh.N);
+  P.L = sh.L;
+  P.softplus = softplus;
+  return P;
+}
+
+// Gradient outputs common to both backward ops; token_major: (b, L, D)
+// activations and (b, L, N) B / C (fork_scan), else (b, D, L) and (b, N, L).
+// dB / dC accumulate in zeroed Acc buffers (cast to u's dtype by finish()).
+struct ScanGrads {
+  bool token_major;
+  at::Tensor du, ddelta, dB_acc, dC_acc, dA, dD_full, dbias_full, dz;
+
+  ScanGrads(const at::Tensor& u, const ScanShape& sh, bool token_major_, int64_t zlen, bool has_z)
+      : token_major(token_major_) {
+    const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+    const auto act = [&](int64_t len) {
+      return token_major ? std::vector<int64_t>{sh.batch, len, sh.dim} : std::vector<int64_t>{sh.batch, sh.dim, len};
+    };
+    const std::vector<int64_t> bc = token_major ? std::vector<int64_t>{sh.batch, sh.L, sh.N}
+                                                : std::vector<int64_t>{sh.batch, sh.N, sh.L};
+    du = at::empty(act(sh.L), u.options());
+    ddelta = at::empty(act(sh.L), u.options());
+    dB_acc = at::zeros(bc, acc_opts);
+    dC_acc = at::zeros(bc, acc_opts);
+    dA = at::zeros({sh.dim, sh.N}, acc_opts);
+    dD_full = at::zeros({sh.dim}, acc_opts);
+    dbias_full = at::zeros({sh.dim}, acc_opts);
+    dz = has_z ? at::empty(act(zlen), u.options()) : at::empty({0}, u.options());
+  }
+
+  template <typename T, typename Acc>
+  void set(ScanParams<T, Acc>& P) {
+    const int x = token_major ? 2 : 1, l = token_major ? 1 : 2;
+    P.du = view3<T>(du, 0, x, l);
+    P.ddelta = view3<T>(ddelta, 0, x, l);
+    if (dz.numel() > 0) P.dz = view3<T>(dz, 0, x, l);
+    P.dB = view3<Acc>(dB_acc, 0, x, l);
+    P.dC = view3<Acc>(dC_acc, 0, x, l);
+    P.dA = dA.data_ptr<Acc>();
+    P.dD = dD_full.data_ptr<Acc>();
+    P.dbias = dbias_full.data_ptr<Acc>();
+  }
+
+  // (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); absent optionals: empty.
+  std::vector<at::Tensor> finish(const at::Tensor& u, bool has_D, bool has_bias) const {
+    const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+    return {du, ddelta, dA, dB_acc.to(u.scalar_type()), dC_acc.to(u.scalar_type()),
+            has_D ? dD_full : at::empty({0}, acc_opts), dz, has_bias ? dbias_full : at::empty({0}, acc_opts)};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cuda(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
+    bool delta_softplus, bool reverse) {
+  const ScanShape sh = check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state);
+  check_cuda_device({{"u", &u}, {"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C}, {"D", opt_ptr(D)},
+                     {"z", opt_ptr(z)}, {"delta_bias", opt_ptr(delta_bias)},
+                     {"initial_state", opt_ptr(initial_state)}});
+  check_grid(sh);
+  const c10::cuda::CUDAGuard guard(u.device());
+  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+  at::Tensor out = at::empty({sh.batch, sh.dim, sh.L}, u.options());
+  at::Tensor last = at::empty({sh.batch, sh.dim, sh.N}, acc_opts);
+  const int64_t nck = num_checkpoints(sh.L);
+  at::Tensor ck = at::empty({sh.batch, sh.dim, nck, sh.N}, acc_opts);
+  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const at::Tensor h0c = opt_or_empty(initial_state);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_cuda", [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, false);
+    P.reverse = reverse;
+    P.ck = ck.data_ptr<Acc>();
+    P.nck = nck;
+    P.h0 = ptr_or_null<Acc>(h0c);
+    P.last = last.data_ptr<Acc>();
+    P.out = view3<T>(out, 0, 1, 2);
+    launch(P, false);
+  });
+  return {out, last, ck};
+}
+
+std::vector<at::Tensor> selective_scan_backward_cuda(
+    const at::Tensor& dout, const c10::optional<at::Tensor>& dlast_state, const at::Tensor& u,
+    const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
+    const at::Tensor& checkpoints, bool delta_softplus, bool reverse) {
+  const ScanShape sh = check_selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias,
+                                                     initial_state, checkpoints);
+  const int64_t nck = num_checkpoints(sh.L);
+  check_cuda_device({{"u", &u}, {"dout", &dout}, {"dlast_state", opt_ptr(dlast_state)}, {"delta", &delta},
+                     {"A", &A}, {"B", &B}, {"C", &C}, {"D", opt_ptr(D)}, {"z", opt_ptr(z)},
+                     {"delta_bias", opt_ptr(delta_bias)}, {"initial_state", opt_ptr(initial_state)},
+                     {"checkpoints", &checkpoints}});
+  check_grid(sh);
+  const c10::cuda::CUDAGuard guard(u.device());
+  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+  ScanGrads gr(u, sh, false, sh.L, z.has_value());
+  at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
+  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const at::Tensor ckc = checkpoints.contiguous(), dlc = opt_or_empty(dlast_state);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_backward_cuda", [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, false);
+    P.reverse = reverse;
+    P.dout = view3<const T>(dout, 0, 1, 2);
+    P.ck = const_cast<Acc*>(ckc.data_ptr<Acc>());
+    P.nck = nck;
+    P.dlast = ptr_or_null<Acc>(dlc);
+    P.dh0 = initial_state.has_value() ? dh0.data_ptr<Acc>() : nullptr;
+    gr.set(P);
+    launch(P, true);
+  });
+  auto res = gr.finish(u, D.has_value(), delta_bias.has_value());
+  res.push_back(dh0);
+  return res;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cuda(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, int64_t prefix_len, bool delta_softplus) {
+  const ScanShape sh = check_fork_scan(u, delta, A, B, C, D, z, delta_bias, prefix_len);
+  check_cuda_device({{"u", &u}, {"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C}, {"D", opt_ptr(D)},
+                     {"z", opt_ptr(z)}, {"delta_bias", opt_ptr(delta_bias)}});
+  check_grid(sh);
+  const c10::cuda::CUDAGuard guard(u.device());
+  const int64_t p = prefix_len, s = (sh.L - prefix_len) / 2;
+  const int64_t nck_p = num_checkpoints(p), nck_s = num_checkpoints(s), nck = nck_p + 2 * nck_s;
+  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+  at::Tensor out = at::empty({sh.batch, s, sh.dim}, u.options());
+  at::Tensor ysum = at::empty({sh.batch, s, sh.dim}, acc_opts);
+  at::Tensor ck = at::empty({sh.batch, sh.dim, nck, sh.N}, acc_opts);
+  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_cuda", [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
+    P.fork = true;
+    P.p = p;
+    P.s = s;
+    P.ck = ck.data_ptr<Acc>();
+    P.nck = nck;
+    P.nck_p = nck_p;
+    P.nck_s = nck_s;
+    P.out = view3<T>(out, 0, 2, 1);
+    P.ysum = view3<Acc>(ysum, 0, 2, 1);
+    launch(P, false);
+  });
+  return {out, ysum, ck};
+}
+
+std::vector<at::Tensor> fork_scan_backward_cuda(
+    const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, const at::Tensor& ysum, const at::Tensor& checkpoints,
+    int64_t prefix_len, bool delta_softplus) {
+  const ScanShape sh =
+      check_fork_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, prefix_len);
+  const int64_t p = prefix_len, s = (sh.L - prefix_len) / 2;
+  const int64_t nck_p = num_checkpoints(p), nck_s = num_checkpoints(s), nck = nck_p + 2 * nck_s;
+  check_cuda_device({{"u", &u}, {"dout", &dout}, {"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C},
+                     {"D", opt_ptr(D)}, {"z", opt_ptr(z)}, {"delta_bias", opt_ptr(delta_bias)}, {"ysum", &ysum},
+                     {"checkpoints", &checkpoints}});
+  check_grid(sh);
+  const c10::cuda::CUDAGuard guard(u.device());
+  ScanGrads gr(u, sh, true, s, z.has_value());
+  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const at::Tensor ckc = checkpoints.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cuda", [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
+    P.fork = true;
+    P.p = p;
+    P.s = s;
+    P.dout = view3<const T>(dout, 0, 2, 1);
+    P.ysum = view3<Acc>(ysum, 0, 2, 1);
+    P.ck = const_cast<Acc*>(ckc.data_ptr<Acc>());
+    P.nck = nck;
+    P.nck_p = nck_p;
+    P.nck_s = nck_s;
+    gr.set(P);
+    launch(P, true);
+  });
+  return gr.finish(u, D.has_value(), delta_bias.has_value());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vlssm, CUDA, m) {
+  m.impl("selective_scan", &selective_scan_cuda);
+  m.impl("selective_scan_backward", &selective_scan_backward_cuda);
+  m.impl("fork_scan", &fork_scan_cuda);
+  m.impl("fork_scan_backward", &fork_scan_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace vlssm
