@@ -6,7 +6,8 @@
 #                           tests/gpu (every op, backend "cuda" and "triton", every
 #                           dtype vs the float64 reference, gradients, gradcheck,
 #                           opcheck, torch.compile, CUDA-graph capture of QMVL
-#                           forward+backward, mamba_ssm oracle), then
+#                           forward+backward, mamba_ssm oracle) and bench/check_cuda.py
+#                           (CUDA vs CPU kernels op by op), then
 #                           `vlssm bench --device cuda` (QMVL providers, fork_scan
 #                           bandwidth vs device copy) and prints a short table last.
 #   bench/gpu.sh fetch      on a machine with internet: downloads the mamba-ssm and
@@ -121,6 +122,10 @@ if [[ $SKIP != *" tests "* ]]; then
     $PY -m pytest tests/gpu -q -rs -p no:cacheprovider --durations=10 >"$OUT/tests.log" 2>&1
     TEST_RC=$?
     tail -15 "$OUT/tests.log"
+    say "CUDA vs CPU kernels, op by op: bench/check_cuda.py"
+    { echo; echo "--- bench/check_cuda.py"; $PY bench/check_cuda.py; } >>"$OUT/tests.log" 2>&1 || TEST_RC=1
+    grep -c "^ok" "$OUT/tests.log" | sed 's/^/check_cuda ok lines: /'
+    grep "^FAIL" "$OUT/tests.log" | head -20
 fi
 
 # ---------------------------------------------------------------- benchmarks
