@@ -39,9 +39,9 @@ def triton_reason() -> Optional[str]:
 
 
 def skip_slow_triton(backend: str, small: bool) -> None:
-    """Skip a case that is not ``small`` on the interpreted Triton backend (a GPU runs them all)."""
+    """Skip a case that is not ``small`` on the interpreted Triton backend (tests/gpu runs such sizes on a GPU)."""
     if backend == "triton" and TRITON_INTERPRETED and not small:
-        pytest.skip("too slow for the Triton interpreter; runs on a GPU")
+        pytest.skip("too slow for the Triton interpreter (tests/gpu runs such sizes on a GPU)")
 
 
 #: Norm-wise relative tolerance of the forward of a kernel vs the float64 reference.
