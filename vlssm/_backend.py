@@ -155,20 +155,14 @@ def _usable(name: str, device: torch.device) -> Optional[str]:
     """None if backend ``name`` can run on ``device``, else the reason it cannot."""
     if name == "reference":
         return None
-    if name == "cpu":
-        if device.type != "cpu":
-            return f"backend='cpu' runs the C++ CPU kernels; the tensors are on {device}"
+    if name in ("cpu", "cuda"):  # the compiled kernels of vlssm._C for that device type
+        what = "C++ CPU kernels" if name == "cpu" else "compiled CUDA kernels"
+        if device.type != name:
+            return f"backend={name!r} runs the {what}; the tensors are on {device}"
         if not extension_available():
-            return (f"backend='cpu' needs the compiled extension vlssm._C, which failed to import: "
+            return (f"backend={name!r} needs the compiled extension vlssm._C, which failed to import: "
                     f"{extension_error()}. Rebuild with `pip install --no-build-isolation .`")
-        return None
-    if name == "cuda":
-        if device.type != "cuda":
-            return f"backend='cuda' runs the compiled CUDA kernels; the tensors are on {device}"
-        if not extension_available():
-            return (f"backend='cuda' needs the compiled extension vlssm._C, which failed to import: "
-                    f"{extension_error()}. Rebuild with `pip install --no-build-isolation .`")
-        if not cuda_kernels_built():
+        if name == "cuda" and not cuda_kernels_built():
             return ("backend='cuda': vlssm._C was built without its CUDA kernels (torch without CUDA, "
                     "no nvcc, or VLSSM_SKIP_CUDA at build time); rebuild with CUDA_HOME set")
         return None

@@ -450,6 +450,12 @@ def test_bad_backend():
     T.check_raises(ValueError, "backend", run, _valid(), "nonsense")
 
 
+def test_cuda_backend_refuses_cpu_tensors():
+    """backend="cuda" names the device it needs instead of silently running elsewhere."""
+    with pytest.raises(ValueError, match=r"backend='cuda' runs the compiled CUDA kernels; the tensors are on cpu"):
+        run(_valid(), "cuda")
+
+
 @pytest.mark.parametrize("over,name,exc", [
     (dict(weight=torch.randn(NE, NK, dtype=F64)), "weight", TypeError),
     (dict(x_suffix=torch.randn(NB, NS, NE + 1)), "x_suffix", ValueError),
