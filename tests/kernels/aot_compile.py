@@ -1,0 +1,131 @@
+"""Compile every Triton kernel of vlssm.kernels for a GPU, on a machine without one.
+
+    python tests/kernels/aot_compile.py [sm]      (default sm 90; run by test_gpu_compile.py)
+
+The interpreter (what the op tests run) never compiles a kernel, so a kernel
+that only fails to compile for a GPU (a type the compiler rejects, a shape it
+cannot lay out, a loop it cannot lower) would pass CI and fail on the first
+GPU. Here Triton runs compiled (TRITON_INTERPRET=0) against a stand-in CUDA
+driver that reports a GPU target and no device: every launch is a
+``warmup`` (compile to PTX and a cubin with ptxas, launch nothing). The ops
+are then called with backend="triton" on CPU tensors, forward and backward,
+in float32, bfloat16 and float64, so every kernel is compiled with the
+constexpr variants the ops really use, through torch.library.triton_op +
+wrap_triton as on a GPU. The outputs are garbage (nothing ran); only the
+compilation is checked. Prints one line per compiled kernel variant and
+exits 1 if any kernel (a ``@triton.jit`` function named ``*_kernel``; the
+others are helpers they call) failed to compile or was never launched.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+SM = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+
+
+class StandInCuda(CudaDriver):
+    """A CUDA driver with a target and no device: enough to compile."""
+
+    def __init__(self):  # no libcuda
+        self.target = GPUTarget("cuda", SM, 32)
+
+    @staticmethod
+    def is_active():
+        return True
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+compiled = defaultdict(list)  # kernel name -> [(constexprs, shared bytes)]
+_run = JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    compiled[self.fn.__name__].append(kernel.metadata.shared)
+    return kernel
+
+
+def main() -> int:
+    driver.set_active(StandInCuda())
+    JITFunction.run = _compile_only
+    from vlssm import _backend, ops
+
+    usable = _backend._usable
+    _backend._usable = lambda name, device: None if name == "triton" else usable(name, device)
+    kernels = _backend.load_kernels()
+    assert kernels is not None, _backend.kernels_error()
+
+    def leaf(*shape, dtype):
+        return torch.randn(*shape).to(dtype).requires_grad_(True)
+
+    def backward(*outs):
+        torch.autograd.backward([o for o in outs if o.requires_grad],
+                                [torch.ones_like(o) for o in outs if o.requires_grad])
+
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        b, p, s, E, N, K = 2, 7, 5, 48, 16, 4
+        L = p + 2 * s
+        prm = lambda *sh: torch.randn(*sh, dtype=acc).requires_grad_(True)  # noqa: E731
+        backward(ops.fork_scan(leaf(b, L, E, dtype=dt), leaf(b, L, E, dtype=dt), -prm(E, N).exp(),
+                               leaf(b, L, N, dtype=dt), leaf(b, L, N, dtype=dt), prm(E), leaf(b, s, E, dtype=dt),
+                               prm(E), p, backend="triton"))
+        out, last = ops.selective_scan(leaf(b, E, L, dtype=dt), leaf(b, E, L, dtype=dt), -prm(E, N).exp(),
+                                       leaf(b, N, L, dtype=dt), leaf(b, N, L, dtype=dt), prm(E),
+                                       leaf(b, E, L, dtype=dt), prm(E), True, True, reverse=True,
+                                       initial_state=prm(b, E, N), backend="triton")
+        backward(out, last)
+        backward(ops.fork_conv1d(leaf(b, p, E, dtype=dt), leaf(b, s, E, dtype=dt), leaf(E, K, dtype=dt),
+                                 leaf(E, dtype=dt), backend="triton"))
+        backward(*ops.attention_with_probs(leaf(b, 9, 32, dtype=dt), leaf(b, 11, 32, dtype=dt),
+                                           leaf(b, 11, 16, dtype=dt), backend="triton"))
+        C = 20
+        backward(ops.relation_aggregate(leaf(C, C, dtype=dt), leaf(b, C, C, dtype=dt), leaf(b, C, 32, dtype=dt),
+                                        torch.tensor(0.3, dtype=dt, requires_grad=True), backend="triton"))
+        backward(ops.kcr_loss(leaf(C, 32, dtype=dt), leaf(b, C, 32, dtype=dt), backend="triton"))
+
+    launched = {name for name, obj in vars_of_kernels(kernels)
+                if isinstance(obj, JITFunction) and name.endswith("_kernel")}  # not the @triton.jit helpers
+    for name in sorted(compiled):
+        sizes = compiled[name]
+        print(f"compiled for sm_{SM}: {name}: {len(sizes)} launch(es), shared memory up to {max(sizes)} B")
+    never = sorted(launched - set(compiled))
+    for name in never:
+        print(f"NEVER LAUNCHED: {name}")
+    return 1 if never else 0
+
+
+def vars_of_kernels(pkg):
+    """(name, object) of every top-level object of the vlssm.kernels modules."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        yield from vars(mod).items()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
