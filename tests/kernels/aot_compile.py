@@ -11,7 +11,8 @@ driver that reports a GPU target and no device: every launch is a
 are then called with backend="triton" on CPU tensors, forward and backward,
 in float32, bfloat16 and float64, so every kernel is compiled with the
 constexpr variants the ops really use, through torch.library.triton_op +
-wrap_triton as on a GPU. The outputs are garbage (nothing ran); only the
+wrap_triton as on a GPU; and QMVL on the Triton backend is traced whole by
+torch.compile(fullgraph=True) (run by aot_eager), forward and backward. The outputs are garbage (nothing ran); only the
 compilation is checked. Prints one line per compiled kernel variant and
 exits 1 if any kernel (a ``@triton.jit`` function named ``*_kernel``; the
 others are helpers they call) failed to compile or was never launched.
@@ -105,6 +106,15 @@ def main() -> int:
         backward(ops.relation_aggregate(leaf(C, C, dtype=dt), leaf(b, C, C, dtype=dt), leaf(b, C, 32, dtype=dt),
                                         torch.tensor(0.3, dtype=dt, requires_grad=True), backend="triton"))
         backward(ops.kcr_loss(leaf(C, 32, dtype=dt), leaf(b, C, 32, dtype=dt), backend="triton"))
+
+    # The GPU op path (torch.library.triton_op + wrap_triton) under torch.compile: QMVL on the
+    # Triton backend, forward and backward, traced whole (fullgraph) and run by aot_eager.
+    import vlssm
+
+    model = vlssm.QMVL(32, backend="triton")
+    x, t = torch.randn(2, 6, 32, requires_grad=True), torch.randn(2, 3, 32, requires_grad=True)
+    backward(*torch.compile(model, fullgraph=True, backend="aot_eager")(x, t))
+    print("torch.compile(fullgraph=True) traced QMVL forward+backward on the Triton ops")
 
     launched = {name for name, obj in vars_of_kernels(kernels)
                 if isinstance(obj, JITFunction) and name.endswith("_kernel")}  # not the @triton.jit helpers

@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for sm_80 and sm_90, without a GPU (see aot_compile.py).
+"""Every Triton kernel compiles for sm_80 and sm_90, and QMVL on the Triton ops traces under
+torch.compile(fullgraph=True), without a GPU (see aot_compile.py).
 
 The op tests run the kernels in the interpreter, which compiles nothing; this
 is the check that the same kernels, with the variants the ops launch, get
@@ -28,5 +29,6 @@ def test_triton_kernels_compile_for_gpu(sm, tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), str(sm)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
+    assert "traced QMVL forward+backward" in r.stdout
     for name in KERNELS:
         assert f"compiled for sm_{sm}: {name}:" in r.stdout, f"{name} was not compiled:\n{r.stdout}"
