@@ -13,7 +13,8 @@ in float32, bfloat16 and float64, so every kernel is compiled with the
 constexpr variants the ops really use, through torch.library.triton_op +
 wrap_triton as on a GPU; and QMVL on the Triton backend is traced whole by
 torch.compile(fullgraph=True) (run by aot_eager), forward and backward. The outputs are garbage (nothing ran); only the
-compilation is checked. Prints one line per compiled kernel variant and
+compilation is checked. Prints one line per kernel (variants compiled; the most registers, shared
+memory, stack frame and local bytes over them; cuobjdump's counts) and
 exits 1 if any kernel (a ``@triton.jit`` function named ``*_kernel``; the
 others are helpers they call) failed to compile or was never launched.
 """
@@ -58,14 +59,31 @@ class StandInCuda(CudaDriver):
         return 0
 
 
-compiled = defaultdict(list)  # kernel name -> [(constexprs, shared bytes)]
+compiled = defaultdict(dict)  # kernel name -> {cubin: shared memory bytes Triton asks for}
 _run = JITFunction.run
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
-    compiled[self.fn.__name__].append(kernel.metadata.shared)
+    compiled[self.fn.__name__][kernel.asm["cubin"]] = kernel.metadata.shared
     return kernel
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{"REG": n, "STACK": n, "LOCAL": n} of a cubin (Triton's bundled cuobjdump); spilled
+    registers live in the stack frame."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
 
 
 def main() -> int:
@@ -119,8 +137,10 @@ def main() -> int:
     launched = {name for name, obj in vars_of_kernels(kernels)
                 if isinstance(obj, JITFunction) and name.endswith("_kernel")}  # not the @triton.jit helpers
     for name in sorted(compiled):
-        sizes = compiled[name]
-        print(f"compiled for sm_{SM}: {name}: {len(sizes)} launch(es), shared memory up to {max(sizes)} B")
+        use = [dict(resource_usage(c), SHARED=shared) for c, shared in compiled[name].items()]
+        top = {k: max(u.get(k, 0) for u in use) for k in ("REG", "SHARED", "STACK", "LOCAL")}
+        print(f"compiled for sm_{SM}: {name}: {len(use)} variant(s); at most {top['REG']} registers, "
+              f"{top['SHARED']} B shared memory, {top['STACK']} B stack frame (spills), {top['LOCAL']} B local")
     never = sorted(launched - set(compiled))
     for name in never:
         print(f"NEVER LAUNCHED: {name}")
