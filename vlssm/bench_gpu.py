@@ -237,8 +237,8 @@ def bench_scan(cfg: Dict[str, Any], dtype: torch.dtype, copy_gbps: float) -> Lis
     b, M, C, E, N = cfg["batch"], cfg["m"], cfg["c"], 2 * cfg["d"], cfg["d_state"]
     for block, (p, s) in (("label", (M, C)), ("visual", (C, M))):
         for backend, op in (("cuda", "fork_scan"), ("triton", "fork_scan_triton")):
-            row: Dict[str, Any] = dict(m=M, c=C, block=block, prefix_len=p, suffix_len=s, dim=E, d_state=N, backend=backend,
-                                       copy_gbps=copy_gbps, error="")
+            row: Dict[str, Any] = dict(m=M, c=C, block=block, prefix_len=p, suffix_len=s, dim=E, d_state=N,
+                                       backend=backend, copy_gbps=copy_gbps, error="")
             try:
                 fn = getattr(torch.ops.vlssm, op)
                 a = fork_scan_inputs(b, p, s, E, N, dtype, cfg["seed"])
