@@ -119,18 +119,37 @@ def assert_half_rule(name: str, kernel_out, ref_same_prec, ref64) -> None:
     assert k <= 2 * r + HALF_EPS, f"{name}: kernel rel err {k:.3g} > 2 x reference rel err {r:.3g} + {HALF_EPS}"
 
 
+def compile_check(fn, inp, names, compiled_backend, tol=1e-6):
+    """``torch.compile(fn, fullgraph=True)`` matches eager ``fn`` on ``inp[names]``: outputs and gradients."""
+    leaves_e = [inp[k].clone().requires_grad_(True) for k in names]
+    leaves_c = [inp[k].clone().requires_grad_(True) for k in names]
+    out_e = fn(*leaves_e)
+    cfn = torch.compile(fn, fullgraph=True, backend=compiled_backend)
+    out_c = cfn(*leaves_c)
+    g = gen(99)
+    cots = [randn(g, *o.shape, dtype=o.dtype) for o in out_e]
+    sum((o * w).sum() for o, w in zip(out_e, cots)).backward()
+    sum((o * w).sum() for o, w in zip(out_c, cots)).backward()
+    for i, (a, e) in enumerate(zip(out_c, out_e)):
+        assert_rel(f"output {i}", a, e, tol)
+    for k, a, e in zip(names, leaves_c, leaves_e):
+        assert_rel(f"d{k}", a.grad, e.grad, tol)
+
+
 def poison_allocator(*tensors_like: torch.Tensor, copies: int = 4) -> None:
-    """Best effort: leave NaN-filled freed blocks of the outputs' sizes behind.
+    """Best effort: leave NaN-filled freed blocks of the outputs' sizes behind,
+    on each like-tensor's device.
 
     Outputs are allocated inside the ops (``at::empty``), so they cannot be
-    pre-filled; small freed blocks are often handed out again by malloc, so an
-    unwritten output element then reads NaN and fails ``isfinite``. The
-    elementwise comparisons are the guaranteed check.
+    pre-filled; small freed blocks are often handed out again by malloc (CPU)
+    or the caching allocator (CUDA), so an unwritten output element then reads
+    NaN and fails ``isfinite``. The elementwise comparisons are the guaranteed
+    check.
     """
     keep = []
     for t in tensors_like:
         for _ in range(copies):
-            keep.append(torch.full(t.shape, float("nan"), dtype=t.dtype))
+            keep.append(torch.full(t.shape, float("nan"), dtype=t.dtype, device=t.device))
     del keep
 
 

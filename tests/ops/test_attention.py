@@ -418,22 +418,6 @@ def test_opcheck_backward(dtype, with_dprobs, seed, kernel_backend):
     _opcheck(bwd.default, (dout, dprobs, q, k, v, probs, 0.5))
 
 
-def _compile_check(fn, inp, names, compiled_backend, tol=1e-6):
-    leaves_e = [inp[k].clone().requires_grad_(True) for k in names]
-    leaves_c = [inp[k].clone().requires_grad_(True) for k in names]
-    out_e = fn(*leaves_e)
-    cfn = torch.compile(fn, fullgraph=True, backend=compiled_backend)
-    out_c = cfn(*leaves_c)
-    g = T.gen(99)
-    cots = [T.randn(g, *o.shape, dtype=o.dtype) for o in out_e]
-    sum((o * w).sum() for o, w in zip(out_e, cots)).backward()
-    sum((o * w).sum() for o, w in zip(out_c, cots)).backward()
-    for i, (a, e) in enumerate(zip(out_c, out_e)):
-        T.assert_rel(f"output {i}", a, e, tol)
-    for k, a, e in zip(names, leaves_c, leaves_e):
-        T.assert_rel(f"d{k}", a.grad, e.grad, tol)
-
-
 @pytest.mark.parametrize("api", ["public", "raw"])
 def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
     c = CASES[5]
@@ -448,7 +432,7 @@ def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
         return torch.tanh(out) * 2, probs * 3
 
     torch._dynamo.reset()
-    _compile_check(fn, inp, ["q", "k", "v"], "aot_eager")
+    T.compile_check(fn, inp, ["q", "k", "v"], "aot_eager")
 
 
 # --------------------------------------------------------------------------

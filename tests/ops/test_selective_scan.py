@@ -366,22 +366,6 @@ def test_opcheck_backward(c, dtype, with_dlast, seed, kernel_backend):
     _opcheck(raw_op(kernel_backend, True).default, args)
 
 
-def _compile_check(fn, inp, names, compiled_backend, tol=1e-6):
-    leaves_e = [inp[k].clone().requires_grad_(True) for k in names]
-    leaves_c = [inp[k].clone().requires_grad_(True) for k in names]
-    out_e = fn(*leaves_e)
-    cfn = torch.compile(fn, fullgraph=True, backend=compiled_backend)
-    out_c = cfn(*leaves_c)
-    g = T.gen(99)
-    cots = [T.randn(g, *o.shape, dtype=o.dtype) for o in out_e]
-    sum((o * w).sum() for o, w in zip(out_e, cots)).backward()
-    sum((o * w).sum() for o, w in zip(out_c, cots)).backward()
-    for i, (a, e) in enumerate(zip(out_c, out_e)):
-        T.assert_rel(f"output {i}", a, e, tol)
-    for k, a, e in zip(names, leaves_c, leaves_e):
-        T.assert_rel(f"d{k}", a.grad, e.grad, tol)
-
-
 @pytest.mark.parametrize("api,c", [
     ("public", Case(2, 3, 9, 4, True, True, True, True, True, True)),
     ("raw", Case(2, 3, 9, 4, True, True, True, True, True, True)),
@@ -403,7 +387,7 @@ def test_compile_fullgraph_aot_eager(api, c, seed, kernel_backend, clean_env):
                                                   a["delta_bias"], a["initial_state"], c.softplus, c.reverse)
         return torch.tanh(out) * 2, last * 3
 
-    _compile_check(fn, inp, names, "aot_eager")
+    T.compile_check(fn, inp, names, "aot_eager")
 
 
 def test_compile_fullgraph_inductor(seed, cpu_backend, clean_env):
@@ -414,7 +398,7 @@ def test_compile_fullgraph_inductor(seed, cpu_backend, clean_env):
     def fn(u, delta, A, B, C, D, z, delta_bias):
         return (ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, True) + 1,)
 
-    _compile_check(fn, inp, names, "inductor", tol=1e-5)
+    T.compile_check(fn, inp, names, "inductor", tol=1e-5)
 
 
 # --------------------------------------------------------------------------
