@@ -114,10 +114,10 @@ def _positive_float(s: str) -> float:
 
 def _int_list(s: str) -> List[int]:
     try:
-        vals = [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
+        vals = [_positive_int(v) for v in s.split(",") if v.strip()]
+    except argparse.ArgumentTypeError:
         vals = []
-    if not vals or any(v < 1 for v in vals):
+    if not vals:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}")
     return vals
 
@@ -133,21 +133,22 @@ def _provider_list(s: str) -> List[str]:
     return list(dict.fromkeys(names))  # de-duplicated, order kept
 
 
+def _choice_list(s: str, choices: Sequence[str]) -> List[str]:
+    """Comma-separated names, each one of ``choices``; de-duplicated, order kept."""
+    names = [p.strip().lower() for p in s.split(",") if p.strip()]
+    if not names or any(n not in choices for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}, got {s!r}")
+    return list(dict.fromkeys(names))
+
+
 def _gpu_provider_list(s: str) -> List[str]:
     from .bench_gpu import GPU_PROVIDERS
 
-    names = [p.strip().lower() for p in s.split(",") if p.strip()]
-    bad = [p for p in names if p not in GPU_PROVIDERS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(GPU_PROVIDERS)}, got {s!r}")
-    return list(dict.fromkeys(names))
+    return _choice_list(s, list(GPU_PROVIDERS))
 
 
 def _dtype_list(s: str) -> List[str]:
-    names = [p.strip().lower() for p in s.split(",") if p.strip()]
-    if not names or any(n not in DTYPES for n in names):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(DTYPES)}, got {s!r}")
-    return list(dict.fromkeys(names))
+    return _choice_list(s, DTYPES)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

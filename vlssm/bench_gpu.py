@@ -194,12 +194,6 @@ def bench_provider(name: str, cfg: Dict[str, Any], x, t, gx, gt) -> Dict[str, An
     return res
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    den = b.abs().max().item()
-    return (a - b).abs().max().item() / den if den > 0 else (a - b).abs().max().item()
-
-
 # ----------------------------------------------------------------------------- scan kernels alone
 
 def fork_scan_inputs(b: int, p: int, s: int, E: int, N: int, dtype: torch.dtype, seed: int):
@@ -255,7 +249,8 @@ def bench_scan(cfg: Dict[str, Any], dtype: torch.dtype, copy_gbps: float) -> Lis
 
 # ----------------------------------------------------------------------------- driver
 
-def _env(dtype_name: str) -> Dict[str, Any]:
+def _env(mamba_ssm_version: Optional[str]) -> Dict[str, Any]:
+    """The environment columns of every row of a run (its start date, device, versions)."""
     import torch
 
     import vlssm
@@ -273,7 +268,7 @@ def _env(dtype_name: str) -> Dict[str, Any]:
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device_name": torch.cuda.get_device_name(), "driver": driver, "torch": torch.__version__,
         "cuda": torch.version.cuda or "", "triton": triton_version() or "",
-        "mamba_ssm": mamba_ssm_status()[0] or "", "vlssm": getattr(vlssm, "__version__", ""), "dtype": dtype_name,
+        "mamba_ssm": mamba_ssm_version or "", "vlssm": getattr(vlssm, "__version__", ""),
     }
 
 
@@ -297,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         print("vlssm bench: error: --device cuda: CUDA is not available", file=sys.stderr)
         return 2
     import vlssm.ops  # noqa: F401  (registers the kernels)
-    from .bench import _torch_dtype
+    from .bench import _max_rel_diff, _torch_dtype
 
     t0 = time.time()
     providers = [p for p in args.gpu_providers]
@@ -308,12 +303,12 @@ def run(args: argparse.Namespace) -> int:
     copy_gbps = copy_bandwidth_gbps()
     print(f"[bench] device copy bandwidth {copy_gbps:.0f} GB/s (read + write)", file=sys.stderr)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    env = _env(ssm_version)
     all_rows: List[Dict[str, Any]] = []
     scan_rows: List[Dict[str, Any]] = []
     rc = 0
     for dtype_name in args.gpu_dtypes:
         dtype = _torch_dtype(dtype_name)
-        env = _env(dtype_name)
         for M in args.gpu_m:
             for C in args.gpu_c:
                 cfg = dict(batch=args.batch, m=M, c=C, d=args.d, d_state=args.d_state, reps=args.reps,
@@ -336,10 +331,10 @@ def run(args: argparse.Namespace) -> int:
                 base = lambda p, k: results.get(p, {}).get(k)  # noqa: E731
                 for p in providers:
                     r = results[p]
-                    row = dict(env, batch=B, m=M, c=C, d=d, d_state=args.d_state, provider=p)
+                    row = dict(env, dtype=dtype_name, batch=B, m=M, c=C, d=d, d_state=args.d_state, provider=p)
                     row.update({k: r.get(k, "") for k in GPU_CSV_COLUMNS if k in r and k != "y"})
                     if "y" in r and ref_name and GPU_PROVIDERS[p]["kind"] in ("qmvl", "mamba_ssm"):
-                        row["max_rel_diff"] = max(_rel(a, b) for a, b in zip(r["y"], results[ref_name]["y"]))
+                        row["max_rel_diff"] = max(_max_rel_diff(a, b) for a, b in zip(r["y"], results[ref_name]["y"]))
                     fb = r.get("fwdbwd_ms")
                     if fb:
                         for other, col in (("mamba-ssm", "fwdbwd_speedup_vs_mamba_ssm"),
@@ -351,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
                     all_rows.append(row)
                 del results
                 for r in bench_scan(cfg, dtype, copy_gbps):
-                    scan_rows.append(dict(env, batch=B, **r))
+                    scan_rows.append(dict(env, dtype=dtype_name, batch=B, **r))
     os.makedirs(args.out, exist_ok=True)
     tag = f"cuda-B{args.batch}-d{args.d}-{stamp}"
     qpath = os.path.join(args.out, f"qmvl-gpu-{tag}.csv")
@@ -359,7 +354,6 @@ def run(args: argparse.Namespace) -> int:
     _write_csv(qpath, GPU_CSV_COLUMNS, all_rows)
     _write_csv(spath, SCAN_CSV_COLUMNS, scan_rows)
 
-    env = _env("")
     print(f"QMVL GPU benchmark: {env['device_name']} (driver {env['driver']}), torch {env['torch']}, CUDA "
           f"{env['cuda']}, triton {env['triton']}, mamba_ssm {env['mamba_ssm'] or 'unavailable: ' + ssm_reason}, "
           f"{env['date_utc']}; copy bandwidth {copy_gbps:.0f} GB/s")
