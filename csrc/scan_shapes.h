@@ -17,6 +17,14 @@ constexpr int64_t kCheckpointChunk = 64;
 
 inline int64_t num_checkpoints(int64_t len) { return (len + kCheckpointChunk - 1) / kCheckpointChunk; }
 
+// fork_scan's segments (prefix p, suffix s) and the offsets of a channel's three
+// checkpoint groups in the (b, D, nck, N) checkpoints: prefix, forward, reversed.
+struct ForkLayout {
+  int64_t p, s, nck_p, nck_s, nck;
+  ForkLayout(int64_t p_, int64_t s_) : p(p_), s(s_), nck_p(num_checkpoints(p_)), nck_s(num_checkpoints(s_)),
+                                        nck(nck_p + 2 * nck_s) {}
+};
+
 // State / parameter dtype: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 

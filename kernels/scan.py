@@ -127,6 +127,24 @@ def _seg_fwd(h, u_ptr, dl_ptr, B_ptr, C_ptr, z_ptr, y_ptr, ck_ptrs, offs_d, mask
 
 
 @triton.jit
+def _channel_block(A_ptr, D_ptr, bias_ptr, blk, dim, N, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ACC_F64: tl.constexpr):
+    """Channel block ``blk`` of a program: channel / state offsets and masks, the 2-D mask, the
+    (BLOCK_D, BLOCK_N) offsets into A, the A tile, and D, delta_bias (zeros where absent)."""
+    acc_ty = tl.float64 if ACC_F64 else tl.float32
+    offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask2 = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + dn, mask=mask2, other=0.0)
+    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BLOCK_D], dtype=acc_ty)
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=acc_ty)
+    return offs_d, mask_d, offs_n, mask_n, mask2, dn, A, Dv, bias
+
+
+@triton.jit
 def _scan_fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ysum_ptr,
                      last_ptr, ck_ptr, dim, N, p, s, nck, nck_s,
                      sub, sud, sul, sdb, sdd, sdl, sBb, sBn, sBl, sCb, sCn, sCl, szb, szd, szl,
@@ -138,15 +156,8 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     """selective_scan (FORK=0: one segment of p tokens) or fork_scan (prefix p, suffixes s)."""
     acc_ty = tl.float64 if ACC_F64 else tl.float32
     b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask2 = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + dn, mask=mask2, other=0.0)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BLOCK_D], dtype=acc_ty)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=acc_ty)
+    offs_d, mask_d, offs_n, mask_n, mask2, dn, A, Dv, bias = _channel_block(
+        A_ptr, D_ptr, bias_ptr, tl.program_id(1), dim, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, ACC_F64)
     u_b, dl_b = u_ptr + b * sub, dl_ptr + b * sdb
     B_b, C_b, z_b = B_ptr + b * sBb, C_ptr + b * sCb, z_ptr + b * szb
     ck_ptrs = ck_ptr + (b * dim + offs_d[:, None]) * nck * N + offs_n[None, :]
@@ -280,15 +291,8 @@ def _scan_bwd_kernel(dout_ptr, dlast_ptr, u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     prog = b * tl.num_programs(1) + blk
-    offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask2 = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + dn, mask=mask2, other=0.0)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BLOCK_D], dtype=acc_ty)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=acc_ty)
+    offs_d, mask_d, offs_n, mask_n, mask2, dn, A, Dv, bias = _channel_block(
+        A_ptr, D_ptr, bias_ptr, blk, dim, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, ACC_F64)
     u_b, dl_b = u_ptr + b * sub, dl_ptr + b * sdb
     B_b, C_b, z_b, g_b = B_ptr + b * sBb, C_ptr + b * sCb, z_ptr + b * szb, dout_ptr + b * sgb
     du_b, ddl_b, dz_b = du_ptr + b * sxb, ddl_ptr + b * sxb, dz_ptr + b * szgb

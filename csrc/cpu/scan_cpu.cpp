@@ -459,13 +459,6 @@ struct SelectiveScanBwd {
   }
 };
 
-// Offsets of a channel's three checkpoint groups: prefix, forward, reversed.
-struct ForkLayout {
-  int64_t p, s, nck_p, nck_s, nck;
-  ForkLayout(int64_t p_, int64_t s_) : p(p_), s(s_), nck_p(num_checkpoints(p_)), nck_s(num_checkpoints(s_)),
-                                        nck(nck_p + 2 * nck_s) {}
-};
-
 template <typename T, typename Acc>
 struct ForkScanFwd {
   const ScanInputs<T, Acc>& in;

@@ -674,6 +674,17 @@ ScanParams<T, Acc> make_params(const at::Tensor& u, const at::Tensor& delta, con
   return P;
 }
 
+// fork_scan's segments and checkpoint offsets.
+template <typename T, typename Acc>
+void set_fork(ScanParams<T, Acc>& P, const ForkLayout& fl) {
+  P.fork = true;
+  P.p = fl.p;
+  P.s = fl.s;
+  P.nck = fl.nck;
+  P.nck_p = fl.nck_p;
+  P.nck_s = fl.nck_s;
+}
+
 // Gradient outputs common to both backward ops; token_major: (b, L, D)
 // activations and (b, L, N) B / C (fork_scan), else (b, D, L) and (b, N, L).
 // dB / dC accumulate in zeroed Acc buffers (cast to u's dtype by finish()).
@@ -800,24 +811,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cuda(
                      {"z", opt_ptr(z)}, {"delta_bias", opt_ptr(delta_bias)}});
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
-  const int64_t p = prefix_len, s = (sh.L - prefix_len) / 2;
-  const int64_t nck_p = num_checkpoints(p), nck_s = num_checkpoints(s), nck = nck_p + 2 * nck_s;
+  const ForkLayout fl(prefix_len, (sh.L - prefix_len) / 2);
   const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
-  at::Tensor out = at::empty({sh.batch, s, sh.dim}, u.options());
-  at::Tensor ysum = at::empty({sh.batch, s, sh.dim}, acc_opts);
-  at::Tensor ck = at::empty({sh.batch, sh.dim, nck, sh.N}, acc_opts);
+  at::Tensor out = at::empty({sh.batch, fl.s, sh.dim}, u.options());
+  at::Tensor ysum = at::empty({sh.batch, fl.s, sh.dim}, acc_opts);
+  at::Tensor ck = at::empty({sh.batch, sh.dim, fl.nck, sh.N}, acc_opts);
   const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
     auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
-    P.fork = true;
-    P.p = p;
-    P.s = s;
+    set_fork(P, fl);
     P.ck = ck.data_ptr<Acc>();
-    P.nck = nck;
-    P.nck_p = nck_p;
-    P.nck_s = nck_s;
     P.out = view3<T>(out, 0, 2, 1);
     P.ysum = view3<Acc>(ysum, 0, 2, 1);
     launch(P, false);
@@ -832,29 +837,23 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
     int64_t prefix_len, bool delta_softplus) {
   const ScanShape sh =
       check_fork_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, prefix_len);
-  const int64_t p = prefix_len, s = (sh.L - prefix_len) / 2;
-  const int64_t nck_p = num_checkpoints(p), nck_s = num_checkpoints(s), nck = nck_p + 2 * nck_s;
+  const ForkLayout fl(prefix_len, (sh.L - prefix_len) / 2);
   check_cuda_device({{"u", &u}, {"dout", &dout}, {"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C},
                      {"D", opt_ptr(D)}, {"z", opt_ptr(z)}, {"delta_bias", opt_ptr(delta_bias)}, {"ysum", &ysum},
                      {"checkpoints", &checkpoints}});
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
-  ScanGrads gr(u, sh, true, s, z.has_value());
+  ScanGrads gr(u, sh, true, fl.s, z.has_value());
   const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
   const at::Tensor ckc = checkpoints.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
     auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
-    P.fork = true;
-    P.p = p;
-    P.s = s;
+    set_fork(P, fl);
     P.dout = view3<const T>(dout, 0, 2, 1);
     P.ysum = view3<Acc>(ysum, 0, 2, 1);
     P.ck = const_cast<Acc*>(ckc.data_ptr<Acc>());
-    P.nck = nck;
-    P.nck_p = nck_p;
-    P.nck_s = nck_s;
     gr.set(P);
     launch(P, true);
   });
