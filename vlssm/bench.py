@@ -266,6 +266,60 @@ def _peak_bytes() -> int:
     return _maxrss_bytes() if h is None else h
 
 
+class _PhaseMemory:
+    """Peak memory of the timed phases, written into the result dict ``res``.
+
+    Made just before the timed work, it takes the baseline: on CUDA the allocated memory
+    (peak stats reset); on CPU the RSS, with the peak so far (imports and construction) and
+    VmHWM reset where /proc/self/clear_refs allows (``mem_kind`` says how; ``detailed_kind``
+    names the source, VmHWM or ru_maxrss). :meth:`end_phase` after each phase stores
+    ``peak_mem_<phase>_increase_mb`` (the phase's peak over the baseline) and resets the peak
+    for the next phase; after the ``last`` one, ``peak_mem_mb`` (and on CUDA ``mem_kind``).
+    """
+
+    def __init__(self, device: str, res: Dict[str, Any], detailed_kind: bool = True):
+        self.res = res
+        self.cuda = device == "cuda"
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.peaks = [_peak_bytes()]  # imports and construction
+            self.base = _current_rss_bytes()
+            hwm = _hwm_bytes() is not None
+            self.reset = hwm and _reset_hwm()
+            if self.reset:
+                res["mem_kind"] = "cpu peak RSS (VmHWM; reset per phase)"
+            elif detailed_kind:
+                res["mem_kind"] = "cpu peak RSS (VmHWM)" if hwm else "cpu peak RSS (ru_maxrss)"
+            else:
+                res["mem_kind"] = "cpu peak RSS"
+
+    def end_phase(self, phase: str, last: bool = False) -> None:
+        key = f"peak_mem_{phase}_increase_mb"
+        if self.cuda:
+            import torch
+
+            self.res[key] = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+            if last:
+                self.res["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                self.res["mem_kind"] = "cuda max_memory_allocated"
+            else:
+                torch.cuda.reset_peak_memory_stats()
+        else:
+            peak = _peak_bytes()
+            self.peaks.append(peak)
+            if last:
+                self.res["peak_mem_mb"] = max(self.peaks) / 2**20
+            if self.base is not None:
+                self.res[key] = max(0, peak - self.base) / 2**20
+            if self.reset and not last:
+                _reset_hwm()
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -370,50 +424,22 @@ def _bench_provider(cfg: Dict[str, Any], provider: str) -> Dict[str, Any]:
     reps_f = cfg["ref_reps"] if ref else cfg["reps"]
     reps_b = cfg["ref_bwd_reps"] if ref else cfg["reps"]
     warm_b = 0 if ref else cfg["warmup"]
-    mem = cfg["memory"]
-    cuda = device == "cuda"
-    if mem:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            peak_before = _peak_bytes()  # imports and construction
-            base = _current_rss_bytes()
-            res["rss_before_mb"] = None if base is None else base / 2**20
-            hwm = _hwm_bytes() is not None
-            reset = hwm and _reset_hwm()
-            res["mem_kind"] = ("cpu peak RSS (VmHWM" + ("; reset per phase)" if reset else ")")) if hwm \
-                else "cpu peak RSS (ru_maxrss)"
+    mem = _PhaseMemory(device, res) if cfg["memory"] else None
+    if mem and not mem.cuda:
+        res["rss_before_mb"] = None if mem.base is None else mem.base / 2**20
 
     _log(t0, f"{provider:<9} forward          {reps_f} rep(s) + {cfg['warmup']} warm-up ({res['backend']} backend)")
     tf = _time_phase(fwd, reps_f, cfg["warmup"], cfg["budget"], device)
     res.update(fwd_ms=tf["median_s"] * 1e3, fwd_min_ms=tf["min_s"] * 1e3, fwd_reps=tf["reps"])
     if mem:
-        if cuda:
-            res["peak_mem_fwd_increase_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            peak_fwd = _peak_bytes()
-            if base is not None:
-                res["peak_mem_fwd_increase_mb"] = max(0, peak_fwd - base) / 2**20
-            if reset:
-                _reset_hwm()
+        mem.end_phase("fwd")
     _log(t0, f"{provider:<9} forward          median {tf['median_s'] * 1e3:10.2f} ms over {tf['reps']} rep(s)")
 
     _log(t0, f"{provider:<9} forward+backward {reps_b} rep(s) + {warm_b} warm-up")
     tb = _time_phase(fwdbwd, reps_b, warm_b, cfg["budget"], device)
     res.update(fwdbwd_ms=tb["median_s"] * 1e3, fwdbwd_min_ms=tb["min_s"] * 1e3, fwdbwd_reps=tb["reps"])
     if mem:
-        if cuda:
-            res["peak_mem_fwdbwd_increase_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            res["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            res["mem_kind"] = "cuda max_memory_allocated"
-        else:
-            peak = _peak_bytes()
-            res["peak_mem_mb"] = max(peak_before, peak_fwd, peak) / 2**20
-            if base is not None:
-                res["peak_mem_fwdbwd_increase_mb"] = max(0, peak - base) / 2**20
+        mem.end_phase("fwdbwd", last=True)
     _log(t0, f"{provider:<9} forward+backward median {tb['median_s'] * 1e3:10.2f} ms over {tb['reps']} rep(s)")
     return res
 

@@ -147,42 +147,16 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
         fwd()
         res.update(_count_cuda_kernels(fwd))
 
-    mem, cuda = cfg["memory"], device == "cuda"
-    if mem:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            peak_before = _b._peak_bytes()
-            base = _b._current_rss_bytes()
-            reset = _b._hwm_bytes() is not None and _b._reset_hwm()
-            res["mem_kind"] = "cpu peak RSS (VmHWM; reset per phase)" if reset else "cpu peak RSS"
+    mem = _b._PhaseMemory(device, res, detailed_kind=False) if cfg["memory"] else None
     label = f"C={cfg['c']} M={cfg['m']} {provider:<5}"
     tf = _b._time_phase(fwd, cfg["reps"], cfg["warmup"], cfg["budget"], device)
     res.update(fwd_ms=tf["median_s"] * 1e3, fwd_reps=tf["reps"])
     if mem:
-        if cuda:
-            res["peak_mem_fwd_increase_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            peak_fwd = _b._peak_bytes()
-            if base is not None:
-                res["peak_mem_fwd_increase_mb"] = max(0, peak_fwd - base) / 2**20
-            if reset:
-                _b._reset_hwm()
+        mem.end_phase("fwd")
     tb = _b._time_phase(fwdbwd, cfg["reps"], cfg["warmup"], cfg["budget"], device)
     res.update(fwdbwd_ms=tb["median_s"] * 1e3, fwdbwd_reps=tb["reps"])
     if mem:
-        if cuda:
-            res["peak_mem_fwdbwd_increase_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            res["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            res["mem_kind"] = "cuda max_memory_allocated"
-        else:
-            peak = _b._peak_bytes()
-            res["peak_mem_mb"] = max(peak_before, peak_fwd, peak) / 2**20
-            if base is not None:
-                res["peak_mem_fwdbwd_increase_mb"] = max(0, peak - base) / 2**20
+        mem.end_phase("fwdbwd", last=True)
     _b._log(t0, f"ifm {label} fwd {res['fwd_ms']:9.2f} ms  fwd+bwd {res['fwdbwd_ms']:9.2f} ms")
     return res
 
