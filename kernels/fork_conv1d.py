@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..ops import fork as _fork
+from ..ops._checks import FLOATING, same_device
 from ._op import INTERPRET, kernel_op, launch
 from .attention import _store_cast
 
@@ -148,7 +149,7 @@ def _check(x_prefix, x_suffix, weight, bias, dy=None):
         raise ValueError(f"x_prefix must have shape (batch, prefix_len, dim), got {tuple(x_prefix.shape)}")
     if x_suffix.dim() != 3:
         raise ValueError(f"x_suffix must have shape (batch, suffix_len, dim), got {tuple(x_suffix.shape)}")
-    if x_prefix.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if x_prefix.dtype not in FLOATING:
         raise TypeError(f"x_prefix must be float16, bfloat16, float32 or float64, got {x_prefix.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (dim, d_conv), got {tuple(weight.shape)}")
@@ -165,8 +166,7 @@ def _check(x_prefix, x_suffix, weight, bias, dy=None):
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.dtype != x_prefix.dtype:
             raise TypeError(f"{name} must have dtype {x_prefix.dtype} like x_prefix, got {t.dtype}")
-        if t.device != x_prefix.device:
-            raise ValueError(f"{name} must be on {x_prefix.device} like x_prefix, got {t.device}")
+        same_device("x_prefix", x_prefix, **{name: t})
     return b, p, s, E, K
 
 

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from ..ops import fork as _fork
 from ..ops import scan as _scan
-from ..ops._checks import acc_dtype
+from ..ops._checks import FLOATING, acc_dtype, same_device
 from ..ops._schema import CHECKPOINT_CHUNK, num_checkpoints
 
 from ._op import INTERPRET, kernel_op, launch
@@ -364,8 +364,7 @@ def _check(name: str, t: Optional[torch.Tensor], shape, dtype, u: torch.Tensor) 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if t.device != u.device:
-        raise ValueError(f"{name} must be on {u.device} like u, got {t.device}")
+    same_device("u", u, **{name: t})
 
 
 def _check_scan(u, delta, A, B, C, D, z, delta_bias, fork: bool, prefix_len: int = 0):
@@ -373,7 +372,7 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, fork: bool, prefix_len: int
     layout = "(batch, prefix_len + 2 * suffix_len, dim)" if fork else "(batch, dim, seqlen)"
     if u.dim() != 3:
         raise ValueError(f"u must have shape {layout}, got {tuple(u.shape)}")
-    if u.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if u.dtype not in FLOATING:
         raise TypeError(f"u must be float16, bfloat16, float32 or float64, got {u.dtype}")
     if A.dim() != 2:
         raise ValueError(f"A must have shape (dim, dstate), got {tuple(A.shape)}")
