@@ -3,6 +3,10 @@
     python bench/check_cuda.py            # needs a GPU; prints one line per case
     python bench/check_cuda.py --device cpu   # self-check of this script (CPU vs CPU)
 
+The same cases run without a GPU against the CUDA kernels built for the CPU
+emulation (tests/cuda_emu): `cases()` lists them, each takes the op namespace
+under test and its device.
+
 Same inputs on both devices (made on the CPU, copied), float64 and float32
 expect ~1e-12 / ~1e-5 relative error, bf16 / fp16 ~1e-2. Covers every N config
 of the scan kernels (N = 1, 4, 16, 17, 64, 256), odd sizes (D = 1, 3, 197;
@@ -47,7 +51,7 @@ def to(dev, *ts):
     return [t.to(dev) if isinstance(t, torch.Tensor) else t for t in ts]
 
 
-def selective_case(b, D, L, N, dtype, dev, reverse, with_opt, transposed, failures):
+def selective_case(dut, dev, failures, b, D, L, N, dtype, reverse, with_opt, transposed):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(b * 1000 + D * 10 + L + N)
     if transposed:  # (b, L, D) memory viewed as (b, D, L)
@@ -65,17 +69,17 @@ def selective_case(b, D, L, N, dtype, dev, reverse, with_opt, transposed, failur
     h0 = torch.randn(b, D, N, generator=g, dtype=acc) if with_opt else None
     args = (u, delta, A, B, C, Dk, z, bias, h0)
     fc = ops.selective_scan(*args, True, reverse)
-    fd = ops.selective_scan(*to(dev, *args), True, reverse)
+    fd = dut.selective_scan(*to(dev, *args), True, reverse)
     name = f"selective_scan b={b} D={D} L={L} N={N} {dtype} rev={reverse} opt={with_opt} T={transposed}"
     report(name, fd, fc, dtype, failures)
     dout = torch.randn(b, D, L, generator=g).to(dtype)
     dlast = torch.randn(b, D, N, generator=g, dtype=acc) if with_opt else None
     gc = ops.selective_scan_backward(dout, dlast, *args, fc[2], True, reverse)
-    gd = ops.selective_scan_backward(*to(dev, dout, dlast, *args, fc[2]), True, reverse)
+    gd = dut.selective_scan_backward(*to(dev, dout, dlast, *args, fc[2]), True, reverse)
     report(name + " backward", gd, gc, dtype, failures)
 
 
-def fork_case(b, E, p, s, N, dtype, dev, with_opt, bcast_z, failures):
+def fork_case(dut, dev, failures, b, E, p, s, N, dtype, with_opt, bcast_z):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     L = p + 2 * s
     g = torch.Generator().manual_seed(b * 1000 + E * 10 + p + s + N)
@@ -93,16 +97,16 @@ def fork_case(b, E, p, s, N, dtype, dev, with_opt, bcast_z, failures):
     bias = torch.randn(E, generator=g, dtype=acc) * 0.1 if with_opt else None
     args = (u, delta, A, B, C, Dk, z, bias)
     fc = ops.fork_scan(*args, p, True)
-    fd = ops.fork_scan(*to(dev, *args), p, True)
+    fd = dut.fork_scan(*to(dev, *args), p, True)
     name = f"fork_scan b={b} E={E} p={p} s={s} N={N} {dtype} opt={with_opt} bz={bcast_z}"
     report(name, fd, fc, dtype, failures)
     dout = torch.randn(b, s, E, generator=g).to(dtype)
     gc = ops.fork_scan_backward(dout, *args, fc[1], fc[2], p, True)
-    gd = ops.fork_scan_backward(*to(dev, dout, *args, fc[1], fc[2]), p, True)
+    gd = dut.fork_scan_backward(*to(dev, dout, *args, fc[1], fc[2]), p, True)
     report(name + " backward", gd, gc, dtype, failures)
 
 
-def conv_case(b, E, p, s, K, dtype, dev, with_bias, bcast, failures):
+def conv_case(dut, dev, failures, b, E, p, s, K, dtype, with_bias, bcast):
     g = torch.Generator().manual_seed(b * 100 + E + p + s + K)
     xp = torch.randn(b, p, E, generator=g).to(dtype)
     xs = torch.randn(1 if bcast else b, s, E, generator=g).to(dtype)
@@ -111,13 +115,39 @@ def conv_case(b, E, p, s, K, dtype, dev, with_bias, bcast, failures):
     w = torch.randn(E, K, generator=g).to(dtype) * 0.5
     bias = torch.randn(E, generator=g).to(dtype) if with_bias else None
     yc = ops.fork_conv1d(xp, xs, w, bias)
-    yd = ops.fork_conv1d(*to(dev, xp, xs, w, bias))
+    yd = dut.fork_conv1d(*to(dev, xp, xs, w, bias))
     name = f"fork_conv1d b={b} E={E} p={p} s={s} K={K} {dtype} bias={with_bias} bcast={bcast}"
     report(name, [yd], [yc], dtype, failures)
     dy = torch.randn(b, p + 2 * s, E, generator=g).to(dtype)
     gc = ops.fork_conv1d_backward(dy, xp, xs, w, bias)
-    gd = ops.fork_conv1d_backward(*to(dev, dy, xp, xs, w, bias))
+    gd = dut.fork_conv1d_backward(*to(dev, dy, xp, xs, w, bias))
     report(name + " backward", gd, gc, dtype, failures)
+
+
+def cases(quick=False, dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16)):
+    """(id, case function, its shape arguments): call as fn(dut, dev, failures, *args)."""
+    out = []
+    for dtype in dtypes:
+        dt = str(dtype).replace("torch.", "")
+        for N in (1, 4, 16, 17, 64, 256):
+            out.append((f"selective-{dt}-N{N}", selective_case, (2, 3, 65, N, dtype, False, True, False)))
+            out.append((f"fork-{dt}-N{N}", fork_case, (2, 5, 7, 9, N, dtype, True, False)))
+        if quick:
+            continue
+        for (b, D, L), rev, opt, tr in itertools.product([(1, 1, 1), (3, 197, 63), (2, 40, 129)], [False, True],
+                                                         [False, True], [False, True]):
+            out.append((f"selective-{dt}-{b}x{D}x{L}-rev{rev:d}-opt{opt:d}-T{tr:d}", selective_case,
+                        (b, D, L, 16, dtype, rev, opt, tr)))
+        for (b, E, p, s), opt, bz in itertools.product([(1, 1, 0, 1), (3, 197, 20, 63), (2, 64, 196, 80)],
+                                                       [False, True], [False, True]):
+            if bz and not opt:
+                continue
+            out.append((f"fork-{dt}-{b}x{E}-p{p}s{s}-opt{opt:d}-bz{bz:d}", fork_case, (b, E, p, s, 16, dtype, opt, bz)))
+        for (b, E, p, s), K, bias, bc in itertools.product([(1, 1, 0, 1), (3, 197, 5, 63), (2, 64, 2, 3)],
+                                                          [1, 4, 5, 17], [False, True], [False, True]):
+            out.append((f"conv-{dt}-{b}x{E}-p{p}s{s}-K{K}-bias{bias:d}-bc{bc:d}", conv_case,
+                        (b, E, p, s, K, dtype, bias, bc)))
+    return out
 
 
 def main():
@@ -127,24 +157,8 @@ def main():
     a = ap.parse_args()
     dev = torch.device(a.device)
     failures = []
-    dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-    for dtype in dtypes:
-        for N in (1, 4, 16, 17, 64, 256):
-            selective_case(2, 3, 65, N, dtype, dev, False, True, False, failures)
-            fork_case(2, 5, 7, 9, N, dtype, dev, True, False, failures)
-        if a.quick:
-            continue
-        for (b, D, L), rev, opt, tr in itertools.product([(1, 1, 1), (3, 197, 63), (2, 40, 129)], [False, True],
-                                                         [False, True], [False, True]):
-            selective_case(b, D, L, 16, dtype, dev, rev, opt, tr, failures)
-        for (b, E, p, s), opt, bz in itertools.product([(1, 1, 0, 1), (3, 197, 20, 63), (2, 64, 196, 80)],
-                                                       [False, True], [False, True]):
-            if bz and not opt:
-                continue
-            fork_case(b, E, p, s, 16, dtype, dev, opt, bz, failures)
-        for (b, E, p, s), K, bias, bc in itertools.product([(1, 1, 0, 1), (3, 197, 5, 63), (2, 64, 2, 3)],
-                                                          [1, 4, 5, 17], [False, True], [False, True]):
-            conv_case(b, E, p, s, K, dtype, dev, bias, bc, failures)
+    for _, fn, args in cases(a.quick):
+        fn(ops, dev, failures, *args)
     print(f"{len(failures)} failures")
     for f in failures:
         print("  ", f)

@@ -1,0 +1,211 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU under an emulation of the CUDA
+execution model (include/cuda_emu.h, built by build.py), against vlssm's CPU
+kernels: the cases of bench/check_cuda.py (every N config of the scan
+kernels, every dtype, odd sizes, views, broadcast, reverse, initial / final
+states), forward and backward.
+
+What it shows: the kernels' indexing, tiling, staging, reductions and
+segment walks compute what the CPU kernels compute, on a machine without a
+GPU. What it cannot show: speed, the device-only math (__expf), or the
+hardware memory model; those need bench/gpu.sh on a GPU.
+
+The emulator's own behaviour (shuffles, atomics, shared memory, barrier
+misuse) is checked by selftest.cu; a build with a planted bug must fail the
+comparison; an AddressSanitizer build (when libasan is found) runs the cases
+again in a subprocess to catch out-of-bounds accesses of global and shared
+memory, and outputs left unwritten (every allocation starts as NaN there).
+VLSSM_EMU_FULL=1 runs every case of check_cuda.py (376, about 15 minutes on
+2 cores) and every planted bug.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+emu_build = _load("vlssm_cuda_emu_build", HERE / "build.py")
+check_cuda = _load("vlssm_check_cuda", ROOT / "bench" / "check_cuda.py")
+
+CPU = torch.device("cpu")
+FULL = os.environ.get("VLSSM_EMU_FULL", "") not in ("", "0")
+
+
+def _cpu_kernels() -> bool:
+    from vlssm import _backend
+
+    return _backend._usable("cpu", CPU) is None
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler"),
+    pytest.mark.skipif(not _cpu_kernels(), reason="vlssm._C (the CPU kernels compared against) is not built"),
+]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    torch.ops.load_library(emu_build.build())
+    return torch.ops.vlssm_cuda_emu
+
+
+@pytest.fixture(scope="module")
+def selftest(emu):
+    return torch.ops.vlssm_cuda_emu_selftest
+
+
+# Odd-size cases run by default besides the quick ones (every dtype x every N
+# config): one, two or three blocks of channels, L = 1 / 129 / 356 tokens
+# (several checkpoint chunks), reverse, views, broadcast, conv taps 1 to 17.
+ODD = {
+    "selective-float32-1x1x1-rev0-opt0-T0", "selective-float32-1x1x1-rev1-opt1-T1",
+    "selective-float32-2x40x129-rev1-opt1-T0", "selective-float32-2x40x129-rev0-opt0-T1",
+    "selective-float32-3x197x63-rev1-opt1-T1", "selective-bfloat16-2x40x129-rev1-opt1-T1",
+    "selective-float64-2x40x129-rev1-opt1-T0",
+    "fork-float32-1x1-p0s1-opt1-bz1", "fork-float32-3x197-p20s63-opt1-bz1", "fork-float32-2x64-p196s80-opt1-bz0",
+    "fork-bfloat16-2x64-p196s80-opt1-bz1", "fork-float16-1x1-p0s1-opt0-bz0",
+    "conv-float32-1x1-p0s1-K4-bias1-bc0", "conv-float32-3x197-p5s63-K17-bias1-bc1",
+    "conv-float32-2x64-p2s3-K5-bias0-bc1", "conv-float32-2x64-p2s3-K1-bias1-bc0",
+    "conv-bfloat16-3x197-p5s63-K4-bias1-bc1",
+}
+QUICK = {cid for cid, _, _ in check_cuda.cases(quick=True)}
+ALL = check_cuda.cases()
+assert ODD <= {cid for cid, _, _ in ALL}, ODD - {cid for cid, _, _ in ALL}
+CASES = [c for c in ALL if FULL or c[0] in QUICK or c[0] in ODD]
+
+
+@pytest.mark.parametrize("cid,fn,args", CASES, ids=[c[0] for c in CASES])
+def test_cuda_kernel_matches_cpu(emu, cid, fn, args, capsys):
+    failures = []
+    fn(emu, CPU, failures, *args)
+    assert not failures, capsys.readouterr().out + "\n".join(failures)
+
+
+# -- the emulator itself ------------------------------------------------------
+
+def test_emulated_shuffle_butterfly(selftest):
+    out = selftest.shfl_sum(3, 64).view(6, 32)
+    assert torch.equal(out, torch.full_like(out, float(sum(range(32))))[:, :1].expand(6, 32) +
+                       torch.tensor([0.0, 1024.0]).repeat(3)[:, None])
+
+
+def test_emulated_atomics_are_atomic(selftest):
+    assert selftest.atomic_count(3, 96, 200) == (3 * 96 * 200.0, 3 * 96 * 200.0)
+
+
+def test_emulated_static_shared_memory_is_per_block_and_poisoned(selftest):
+    out = selftest.smem_exchange(3, 40)
+    assert torch.isnan(out[:, 0]).all(), "shared memory must start as NaN in every block"
+    t = torch.arange(40)
+    want = torch.stack([blk * 1000 + (t + 1) % 40 for blk in range(3)]).float()
+    assert torch.equal(out[:, 1], want)
+
+
+def test_emulated_dynamic_shared_memory_limit(selftest):
+    assert selftest.dyn_smem(48 * 1024, 0) == 7
+    with pytest.raises(RuntimeError, match="dynamic shared memory, the kernel allows 49152"):
+        selftest.dyn_smem(48 * 1024 + 16, 0)
+    assert selftest.dyn_smem(100 * 1024, 100 * 1024) == 7
+
+
+def test_emulated_deadlock_raises(selftest, monkeypatch):
+    monkeypatch.setenv("VLSSM_EMU_BARRIER_TIMEOUT", "1")
+    with pytest.raises(RuntimeError, match="not every thread arrived"):
+        selftest.deadlock()
+
+
+def test_emulated_shuffle_after_exit_raises(selftest):
+    with pytest.raises(RuntimeError, match="exited while lanes of its warp wait|after lanes of the warp exited"):
+        selftest.shfl_after_exit()
+
+
+# -- the comparison can fail --------------------------------------------------
+
+@pytest.mark.parametrize("mutant", [
+    "dB-last-state",
+    pytest.param("fwd-stage-race", marks=pytest.mark.skipif(
+        not FULL, reason="a race: caught through the NaN-poisoned shared memory, but not deterministically")),
+])
+def test_planted_bug_fails_the_comparison(mutant):
+    lib = emu_build.build(mutant=mutant)
+    torch.ops.load_library(lib)
+    planted = getattr(torch.ops, Path(lib).stem)  # the mutant's ops live in a namespace of its own
+    failures = []
+    check_cuda.fork_case(planted, CPU, failures, 2, 5, 7, 9, 16, torch.float32, True, False)
+    name = "fork_scan b=2 E=5 p=7 s=9 N=16 torch.float32 opt=True bz=False"
+    if mutant == "dB-last-state":
+        assert failures == [name + " backward"], failures
+    else:
+        assert name in failures, failures
+
+
+# -- out-of-bounds accesses ---------------------------------------------------
+
+def _libasan():
+    for cc in ("c++", "g++"):
+        if shutil.which(cc):
+            r = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True)
+            path = r.stdout.strip()
+            if r.returncode == 0 and os.path.isabs(path) and os.path.exists(path):
+                return os.path.realpath(path)
+    return None
+
+
+# Runs with libasan preloaded (an ASan-built library cannot load otherwise),
+# so it also builds the library: cpp_extension.load loads what it builds.
+ASAN_SCRIPT = """
+import os, sys, torch
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+sys.path.insert(0, {here!r})
+import build, check_cuda
+lib = build.build(mutant={mutant!r})
+emu = getattr(torch.ops, Path(lib).stem)
+failures = []
+for cid, fn, args in check_cuda.cases():
+    if cid in {ids!r}:
+        fn(emu, torch.device("cpu"), failures, *args)
+print("FAILURES", failures)
+sys.exit(1 if failures else 0)
+"""
+
+
+@pytest.mark.parametrize("mutant", [
+    "",
+    pytest.param("fwd-smem-short", marks=pytest.mark.skipif(not FULL, reason="a second ASan build (~1 min)")),
+])
+def test_no_out_of_bounds_access_under_asan(mutant, tmp_path):
+    """The quick float32 / bfloat16 cases and the odd sizes in an AddressSanitizer build, with every
+    allocation NaN-filled; a planted one-element shared-memory overflow must be reported."""
+    libasan = _libasan()
+    if libasan is None:
+        pytest.skip("libasan not found")
+    script = tmp_path / "asan_cases.py"
+    ids = sorted(ODD | {cid for cid in QUICK if "float32" in cid or "bfloat16" in cid})
+    script.write_text(ASAN_SCRIPT.format(bench=str(ROOT / "bench"), here=str(HERE), mutant=mutant, ids=ids))
+    # malloc_fill_byte: every allocation starts as 0xff bytes (NaN), so an output element no thread writes
+    # fails check_cuda's isfinite check
+    env = dict(os.environ, VLSSM_EMU_ASAN="1", LD_PRELOAD=libasan,
+               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:malloc_fill_byte=255:max_malloc_fill_size=1073741824")
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1800)
+    if mutant:
+        assert r.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in r.stderr, r.stderr[-4000:]
+        return
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-6000:]}"
+    assert "FAILURES []" in r.stdout
