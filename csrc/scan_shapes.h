@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace vlssm {
@@ -31,6 +32,37 @@ inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at
 struct ScanShape {
   int64_t batch, dim, L, N;
 };
+
+// An optional operand made contiguous, or an undefined tensor when absent.
+inline at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// The per-channel parameters as every compiled kernel reads them: contiguous,
+// D and delta_bias undefined when absent.
+struct ScanWeights {
+  at::Tensor A, D, bias;
+  ScanWeights(const at::Tensor& A_, const c10::optional<at::Tensor>& D_, const c10::optional<at::Tensor>& bias_)
+      : A(A_.contiguous()), D(opt_or_empty(D_)), bias(opt_or_empty(bias_)) {}
+};
+
+// Outputs of selective_scan, as every compiled backend allocates them:
+// out (b, D, L) in u's dtype; last state (b, D, N) and checkpoints (b, D, nck, N)
+// in the accumulation dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_outputs(const at::Tensor& u, const ScanShape& sh) {
+  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+  return {at::empty({sh.batch, sh.dim, sh.L}, u.options()), at::empty({sh.batch, sh.dim, sh.N}, acc_opts),
+          at::empty({sh.batch, sh.dim, num_checkpoints(sh.L), sh.N}, acc_opts)};
+}
+
+// Outputs of fork_scan: out (b, s, E) in u's dtype; ysum (b, s, E) and
+// checkpoints (b, E, nck, N) in the accumulation dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_outputs(const at::Tensor& u, const ScanShape& sh,
+                                                                        const ForkLayout& fl) {
+  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
+  return {at::empty({sh.batch, fl.s, sh.dim}, u.options()), at::empty({sh.batch, fl.s, sh.dim}, acc_opts),
+          at::empty({sh.batch, sh.dim, fl.nck, sh.N}, acc_opts)};
+}
 
 inline std::string shape_str(at::IntArrayRef s) {
   std::string r = "(";

@@ -278,10 +278,6 @@ struct TaskRange {
   int64_t d_end(int64_t task, int64_t dim) const { return std::min(dim, d_begin(task) + kChanBlock); }
 };
 
-at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
 // ---------------------------------------------------------------------------
 // Shared plumbing of the two ops' backward: per-task dB/dC partials and
 // per-(b, d) dA/dD/dbias partials, reduced in a fixed order.
@@ -585,10 +581,9 @@ void run_tasks(const Body& body, const TaskRange& tr) {
 }
 
 template <typename T, typename Acc>
-ScanInputs<T, Acc> scan_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                               const at::Tensor& B, const at::Tensor& C, const at::Tensor& Dc,
-                               const c10::optional<at::Tensor>& z, const at::Tensor& bc, const ScanShape& sh,
-                               bool softplus, bool token_major) {
+ScanInputs<T, Acc> scan_inputs(const at::Tensor& u, const at::Tensor& delta, const ScanWeights& w,
+                               const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& z,
+                               const ScanShape& sh, bool softplus, bool token_major) {
   // (b, channel, token) and (b, state, token) dims of the operands.
   const int x = token_major ? 2 : 1, l = token_major ? 1 : 2;
   ScanInputs<T, Acc> in;
@@ -597,9 +592,9 @@ ScanInputs<T, Acc> scan_inputs(const at::Tensor& u, const at::Tensor& delta, con
   in.B = View<T>(B, 0, x, l);
   in.C = View<T>(C, 0, x, l);
   if (z.has_value()) in.z = View<T>(*z, 0, x, l);
-  in.A = A.data_ptr<Acc>();
-  in.Dskip = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
-  in.bias = bc.defined() ? bc.data_ptr<Acc>() : nullptr;
+  in.A = w.A.data_ptr<Acc>();
+  in.Dskip = w.D.defined() ? w.D.data_ptr<Acc>() : nullptr;
+  in.bias = w.bias.defined() ? w.bias.data_ptr<Acc>() : nullptr;
   in.batch = sh.batch;
   in.dim = sh.dim;
   in.L = sh.L;
@@ -618,17 +613,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
     const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& initial_state,
     bool delta_softplus, bool reverse) {
   const ScanShape sh = check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state);
-  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
-  at::Tensor out = at::empty({sh.batch, sh.dim, sh.L}, u.options());
-  at::Tensor last = at::empty({sh.batch, sh.dim, sh.N}, acc_opts);
-  const int64_t nck = num_checkpoints(sh.L);
-  at::Tensor ck = at::empty({sh.batch, sh.dim, nck, sh.N}, acc_opts);
-  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  at::Tensor out, last, ck;
+  std::tie(out, last, ck) = selective_scan_outputs(u, sh);
+  const int64_t nck = ck.size(2);
+  const ScanWeights w(A, D, delta_bias);
   const at::Tensor h0c = opt_or_empty(initial_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = scan_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, false);
+    const auto in = scan_inputs<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, false);
     const SelectiveScanFwd<T, Acc> body{in, reverse, h0c.defined() ? h0c.data_ptr<Acc>() : nullptr,
                                         MutView<T>(out, 0, 1, 2), last.data_ptr<Acc>(), ck.data_ptr<Acc>(), nck};
     run_tasks(body, TaskRange(sh.batch, sh.dim));
@@ -656,12 +649,12 @@ std::vector<at::Tensor> selective_scan_backward_cpu(
   at::Tensor dbias_full = at::empty({sh.dim}, acc_opts);
   at::Tensor dz = z.has_value() ? at::empty({sh.batch, sh.dim, sh.L}, u.options()) : at::empty({0}, u.options());
   at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
-  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const ScanWeights w(A, D, delta_bias);
   const at::Tensor ckc = checkpoints.contiguous(), dlc = opt_or_empty(dlast_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = scan_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, false);
+    const auto in = scan_inputs<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, false);
     const TaskRange tr(sh.batch, sh.dim);
     GradBuffers<Acc> gb(sh.batch, sh.dim, sh.L, sh.N, tr.nblk);
     const SelectiveScanBwd<T, Acc> body{in, reverse, View<T>(dout, 0, 1, 2),
@@ -690,15 +683,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cpu(
     const c10::optional<at::Tensor>& delta_bias, int64_t prefix_len, bool delta_softplus) {
   const ScanShape sh = check_fork_scan(u, delta, A, B, C, D, z, delta_bias, prefix_len);
   const ForkLayout fl(prefix_len, (sh.L - prefix_len) / 2);
-  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
-  at::Tensor out = at::empty({sh.batch, fl.s, sh.dim}, u.options());
-  at::Tensor ysum = at::empty({sh.batch, fl.s, sh.dim}, acc_opts);
-  at::Tensor ck = at::empty({sh.batch, sh.dim, fl.nck, sh.N}, acc_opts);
-  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  at::Tensor out, ysum, ck;
+  std::tie(out, ysum, ck) = fork_scan_outputs(u, sh, fl);
+  const ScanWeights w(A, D, delta_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = scan_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
+    const auto in = scan_inputs<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, true);
     const ForkScanFwd<T, Acc> body{in, fl, MutView<T>(out, 0, 2, 1), MutView<Acc>(ysum, 0, 2, 1), ck.data_ptr<Acc>()};
     run_tasks(body, TaskRange(sh.batch, sh.dim));
   });
@@ -723,12 +714,12 @@ std::vector<at::Tensor> fork_scan_backward_cpu(
   at::Tensor dD_full = at::empty({sh.dim}, acc_opts);
   at::Tensor dbias_full = at::empty({sh.dim}, acc_opts);
   at::Tensor dz = z.has_value() ? at::empty({sh.batch, fl.s, sh.dim}, u.options()) : at::empty({0}, u.options());
-  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const ScanWeights w(A, D, delta_bias);
   const at::Tensor ckc = checkpoints.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = scan_inputs<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
+    const auto in = scan_inputs<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, true);
     const TaskRange tr(sh.batch, sh.dim);
     GradBuffers<Acc> gb(sh.batch, sh.dim, sh.L, sh.N, tr.nblk);
     const ForkScanBwd<T, Acc> body{in, fl, View<T>(dout, 0, 2, 1), View<Acc>(ysum, 0, 2, 1), ckc.data_ptr<Acc>(),

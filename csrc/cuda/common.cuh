@@ -50,10 +50,6 @@ inline void check_cuda_device(std::initializer_list<std::pair<const char*, const
 
 inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
-inline at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
 template <typename Acc>
 inline const Acc* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<Acc>() : nullptr;

@@ -652,10 +652,9 @@ void check_grid(const ScanShape& sh) {
 
 // Common operand fields. token_major: (b, L, D) operands (fork_scan).
 template <typename T, typename Acc>
-ScanParams<T, Acc> make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& Ac,
-                               const at::Tensor& B, const at::Tensor& C, const at::Tensor& Dc,
-                               const c10::optional<at::Tensor>& z, const at::Tensor& bc, const ScanShape& sh,
-                               bool softplus, bool token_major) {
+ScanParams<T, Acc> make_params(const at::Tensor& u, const at::Tensor& delta, const ScanWeights& w,
+                               const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& z,
+                               const ScanShape& sh, bool softplus, bool token_major) {
   const int x = token_major ? 2 : 1, l = token_major ? 1 : 2;
   ScanParams<T, Acc> P;
   P.u = view3<const T>(u, 0, x, l);
@@ -663,9 +662,9 @@ ScanParams<T, Acc> make_params(const at::Tensor& u, const at::Tensor& delta, con
   P.B = view3<const T>(B, 0, x, l);
   P.C = view3<const T>(C, 0, x, l);
   if (z.has_value()) P.z = view3<const T>(*z, 0, x, l);
-  P.A = Ac.data_ptr<Acc>();
-  P.Dskip = ptr_or_null<Acc>(Dc);
-  P.bias = ptr_or_null<Acc>(bc);
+  P.A = w.A.data_ptr<Acc>();
+  P.Dskip = ptr_or_null<Acc>(w.D);
+  P.bias = ptr_or_null<Acc>(w.bias);
   P.batch = static_cast<int>(sh.batch);
   P.dim = static_cast<int>(sh.dim);
   P.N = static_cast<int>(sh.N);
@@ -742,20 +741,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cuda(
                      {"initial_state", opt_ptr(initial_state)}});
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
-  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
-  at::Tensor out = at::empty({sh.batch, sh.dim, sh.L}, u.options());
-  at::Tensor last = at::empty({sh.batch, sh.dim, sh.N}, acc_opts);
-  const int64_t nck = num_checkpoints(sh.L);
-  at::Tensor ck = at::empty({sh.batch, sh.dim, nck, sh.N}, acc_opts);
-  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  at::Tensor out, last, ck;
+  std::tie(out, last, ck) = selective_scan_outputs(u, sh);
+  const ScanWeights w(A, D, delta_bias);
   const at::Tensor h0c = opt_or_empty(initial_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, false);
+    auto P = make_params<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, false);
     P.reverse = reverse;
     P.ck = ck.data_ptr<Acc>();
-    P.nck = nck;
+    P.nck = ck.size(2);
     P.h0 = ptr_or_null<Acc>(h0c);
     P.last = last.data_ptr<Acc>();
     P.out = view3<T>(out, 0, 1, 2);
@@ -782,12 +778,12 @@ std::vector<at::Tensor> selective_scan_backward_cuda(
   const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
   ScanGrads gr(u, sh, false, sh.L, z.has_value());
   at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
-  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const ScanWeights w(A, D, delta_bias);
   const at::Tensor ckc = checkpoints.contiguous(), dlc = opt_or_empty(dlast_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, false);
+    auto P = make_params<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, false);
     P.reverse = reverse;
     P.dout = view3<const T>(dout, 0, 1, 2);
     P.ck = const_cast<Acc*>(ckc.data_ptr<Acc>());
@@ -812,15 +808,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cuda(
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
   const ForkLayout fl(prefix_len, (sh.L - prefix_len) / 2);
-  const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
-  at::Tensor out = at::empty({sh.batch, fl.s, sh.dim}, u.options());
-  at::Tensor ysum = at::empty({sh.batch, fl.s, sh.dim}, acc_opts);
-  at::Tensor ck = at::empty({sh.batch, sh.dim, fl.nck, sh.N}, acc_opts);
-  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  at::Tensor out, ysum, ck;
+  std::tie(out, ysum, ck) = fork_scan_outputs(u, sh, fl);
+  const ScanWeights w(A, D, delta_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
+    auto P = make_params<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, true);
     set_fork(P, fl);
     P.ck = ck.data_ptr<Acc>();
     P.out = view3<T>(out, 0, 2, 1);
@@ -844,12 +838,12 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
   ScanGrads gr(u, sh, true, fl.s, z.has_value());
-  const at::Tensor Ac = A.contiguous(), Dc = opt_or_empty(D), bc = opt_or_empty(delta_bias);
+  const ScanWeights w(A, D, delta_bias);
   const at::Tensor ckc = checkpoints.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    auto P = make_params<T, Acc>(u, delta, Ac, B, C, Dc, z, bc, sh, delta_softplus, true);
+    auto P = make_params<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, true);
     set_fork(P, fl);
     P.dout = view3<const T>(dout, 0, 2, 1);
     P.ysum = view3<Acc>(ysum, 0, 2, 1);
