@@ -35,14 +35,16 @@ def tol(dtype):
 
 
 def report(name, outs_dev, outs_cpu, dtype, failures):
-    worst = 0.0
+    worst, nonfinite = 0.0, []
     for i, (a, b) in enumerate(zip(outs_dev, outs_cpu)):
         assert a.shape == b.shape and a.dtype == b.dtype, (name, i, a.shape, b.shape, a.dtype, b.dtype)
         if not torch.isfinite(a.double()).all():
-            failures.append(f"{name}: output {i} has non-finite values")
-        worst = max(worst, rel(a, b))
-    ok = worst <= tol(dtype)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: max rel err {worst:.2e}")
+            nonfinite.append(i)
+        else:
+            worst = max(worst, rel(a, b))
+    ok = not nonfinite and worst <= tol(dtype)
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: max rel err {worst:.2e}"
+          + (f"; outputs {nonfinite} have non-finite values" if nonfinite else ""))
     if not ok:
         failures.append(name)
 
