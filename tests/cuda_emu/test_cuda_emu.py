@@ -100,9 +100,9 @@ def test_cuda_kernel_matches_cpu(emu, cid, fn, args, capsys):
 # -- the emulator itself ------------------------------------------------------
 
 def test_emulated_shuffle_butterfly(selftest):
-    out = selftest.shfl_sum(3, 64).view(6, 32)
-    assert torch.equal(out, torch.full_like(out, float(sum(range(32))))[:, :1].expand(6, 32) +
-                       torch.tensor([0.0, 1024.0]).repeat(3)[:, None])
+    out = selftest.shfl_sum(3, 64).view(6, 32)  # 3 blocks x 2 warps, every lane holds its warp's sum
+    warp_sums = [float(sum(range(32))), float(sum(range(32, 64)))]  # of threadIdx.x
+    assert torch.equal(out, torch.tensor(warp_sums).repeat(3)[:, None].expand(6, 32))
 
 
 def test_emulated_atomics_are_atomic(selftest):
