@@ -78,9 +78,13 @@ class Barrier {
  public:
   explicit Barrier(int n) : live_(n) {}
   // Wait until every live thread arrived. `what` names the barrier in errors.
-  void wait(const char* what) {
+  // all: every thread must still be live (a full-mask shuffle).
+  void wait(const char* what, bool all = false) {
     std::unique_lock<std::mutex> lk(m_);
     if (broken_) throw Broken{};
+    if (all && exited_ > 0) {
+      throw std::runtime_error(std::string(what) + " with mask 0xffffffff after lanes of the warp exited");
+    }
     const uint64_t gen = gen_.load();
     if (++arrived_ == live_) {
       release();
@@ -119,10 +123,6 @@ class Barrier {
     std::lock_guard<std::mutex> lk(m_);
     broken_ = true;
     cv_.notify_all();
-  }
-  int exited() {
-    std::lock_guard<std::mutex> lk(m_);
-    return exited_;
   }
 
  private:
@@ -208,7 +208,8 @@ void run_grid(K kernel, dim3 grid, dim3 block, size_t smem, const Args&... args)
     const auto it = g_max_dyn_smem.find(reinterpret_cast<const void*>(kernel));
     const size_t cap = it == g_max_dyn_smem.end() ? 48 * 1024 : size_t(it->second);
     if (smem > cap)
-      throw std::invalid_argument("launch: " + std::to_string(smem) + " B of dynamic shared memory, the kernel allows " +
+      throw std::invalid_argument("launch: " + std::to_string(smem) +
+                                  " B of dynamic shared memory, the kernel allows " +
                                   std::to_string(cap) + " B (cudaFuncSetAttribute)");
     if (smem > 227 * 1024) throw std::invalid_argument("launch: dynamic shared memory over 227 KB");
   }
@@ -271,7 +272,8 @@ void run_grid(K kernel, dim3 grid, dim3 block, size_t smem, const Args&... args)
 // emu::launch(k, grid, block, smem, stream)(args...): synchronous.
 template <typename K>
 auto launch(K kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
-  return [=](auto... args) { run_grid(kernel, grid, block, smem, args...); };  // by value, as CUDA passes kernel arguments
+  // Arguments by value, as CUDA passes kernel arguments (arrays decay to pointers).
+  return [=](auto... args) { run_grid(kernel, grid, block, smem, args...); };
 }
 
 }  // namespace emu
@@ -291,12 +293,11 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   if (mask != 0xffffffffu || w.lanes != 32 || width != 32)
     throw std::runtime_error("__shfl_xor_sync: the emulation supports full warps with mask 0xffffffff only");
   if (lane_mask < 0 || lane_mask > 31) throw std::runtime_error("__shfl_xor_sync: lane mask out of range");
-  if (w.bar.exited() > 0) throw std::runtime_error("__shfl_xor_sync with mask 0xffffffff after lanes of the warp exited");
   const int lane = tid % 32;
   const int par = w.parity[lane];
   w.parity[lane] ^= 1;
   std::memcpy(&w.slot[par][lane], &v, sizeof(T));
-  w.bar.wait("__shfl_xor_sync");
+  w.bar.wait("__shfl_xor_sync", true);  // a lane that exits later finds this one waiting: also an error
   T r;
   std::memcpy(&r, &w.slot[par][lane ^ lane_mask], sizeof(T));
   return r;
@@ -332,7 +333,9 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
 
 template <typename K>
 cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) throw std::runtime_error("cudaFuncSetAttribute: not emulated");
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    throw std::runtime_error("cudaFuncSetAttribute: not emulated");
+  }
   if (value > 227 * 1024) throw std::invalid_argument("cudaFuncSetAttribute: over 227 KB of shared memory");
   std::lock_guard<std::mutex> lk(::emu::g_attr_m);
   ::emu::g_max_dyn_smem[reinterpret_cast<const void*>(kernel)] = value;
