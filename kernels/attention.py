@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._checks import acc_dtype, operand
 from ._op import INTERPRET, kernel_op, launch
 
 __all__ = ["attention_with_probs_triton", "attention_with_probs_backward_triton"]
@@ -159,10 +160,6 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(int(n))))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check(q, k, v, scale):
     """The raw ops' argument checks (like csrc/attention_shapes.h): errors name the argument."""
     for name, t, layout in (("q", q, "(batch, Lq, d)"), ("k", k, "(batch, Lk, d)"), ("v", v, "(batch, Lk, dv)")):
@@ -218,15 +215,8 @@ def attention_with_probs_backward_triton(dout: torch.Tensor, dprobs: Optional[to
     n, Lq, d, Lk, dv = _check(q, k, v, scale)
     for name, t, shape in (("dout", dout, (n, Lq, dv)), ("dprobs", dprobs, (n, Lq, Lk)),
                            ("probs", probs, (n, Lq, Lk))):
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have dtype {q.dtype} like q, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
-    acc = _acc(q.dtype)
+        operand(name, t, shape, q.dtype, "q", q)
+    acc = acc_dtype(q.dtype)
     dout_c, v_c = dout.to(acc), v.to(acc)
     ds = torch.matmul(dout_c, v_c.transpose(1, 2))  # (n, Lq, Lk), contiguous: G, then dS in place
     bm = _pow2(Lq, 16, 32) if INTERPRET else 16

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..ops import fork as _fork
-from ..ops._checks import FLOATING, same_device
+from ..ops._checks import FLOATING, operand
 from ._op import INTERPRET, kernel_op, launch
 from .attention import _store_cast
 
@@ -160,13 +160,7 @@ def _check(x_prefix, x_suffix, weight, bias, dy=None):
                          f"weight {tuple(weight.shape)}")
     for name, t, shape in (("x_suffix", x_suffix, (b, s, E)), ("weight", weight, (E, K)), ("bias", bias, (E,)),
                            ("dy", dy, (b, p + 2 * s, E))):
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != x_prefix.dtype:
-            raise TypeError(f"{name} must have dtype {x_prefix.dtype} like x_prefix, got {t.dtype}")
-        same_device("x_prefix", x_prefix, **{name: t})
+        operand(name, t, shape, x_prefix.dtype, "x_prefix", x_prefix)
     return b, p, s, E, K
 
 

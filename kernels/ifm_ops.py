@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..ops import ifm_ops as _ifm
+from ..ops._checks import acc_dtype
 from ._op import INTERPRET, kernel_op, launch
 
 _MAX_LEAD = 4  # leading dims (..., C) of kcr_loss the kernels address
@@ -38,10 +39,6 @@ _MAX_LEAD = 4  # leading dims (..., C) of kcr_loss the kernels address
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------
@@ -166,7 +163,7 @@ def relation_aggregate_backward_triton(grad: torch.Tensor, m_ka: torch.Tensor, m
     dca = _empty_out((B, C, C), t_ca.dtype, t_ca.device)
     BM, BN, BK = _blocks(C, D)
     grid = (triton.cdiv(C, BM), triton.cdiv(C, BN))
-    part = torch.empty(grid[0] * grid[1], dtype=_acc_torch(t_ca.dtype), device=t_ca.device)
+    part = torch.empty(grid[0] * grid[1], dtype=acc_dtype(t_ca.dtype), device=t_ca.device)
     launch(_relagg_map_grad_kernel)[grid](grad, t_ca, m_ka, m_ca, alpha, dka, dca, part, B, C, D,
                                           *grad.stride(), *t_ca.stride(), *_map_strides(m_ka), *m_ca.stride(),
                                           SHARED=shared, BM=BM, BN=BN, BK=BK, ACC=_acc(t_ca.dtype))
@@ -287,7 +284,7 @@ def _blocks_rows(d: int):
 def kcr_loss_triton(t_ka: torch.Tensor, t_ca: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     _ifm.check_kcr_loss(t_ka, t_ca, eps)
     S, rows, a, b, (sa, sad), (sb, sbd) = _kcr_layout(t_ka, t_ca)
-    acc = _acc_torch(t_ka.dtype)
+    acc = acc_dtype(t_ka.dtype)
     R = 1
     for n in rows:
         R *= n
@@ -330,7 +327,7 @@ def kcr_loss_backward_triton(grad: torch.Tensor, t_ka: torch.Tensor, t_ca: torch
                              eps: float) -> List[torch.Tensor]:
     _ifm.check_kcr_loss(t_ka, t_ca, eps)
     S, rows, a, b, sa, sb = _kcr_layout(t_ka, t_ca)
-    acc = _acc_torch(t_ka.dtype)
+    acc = acc_dtype(t_ka.dtype)
     if tuple(stats.shape) != (*rows, 3) or stats.dtype != acc or stats.device != t_ka.device:
         raise ValueError(f"stats must have shape {(*rows, 3)}, dtype {acc} and device {t_ka.device}, "
                          f"got {tuple(stats.shape)} {stats.dtype} {stats.device}")

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from ..ops import fork as _fork
 from ..ops import scan as _scan
-from ..ops._checks import FLOATING, acc_dtype, same_device
+from ..ops._checks import FLOATING, acc_dtype, operand
 from ..ops._schema import CHECKPOINT_CHUNK, num_checkpoints
 
 from ._op import INTERPRET, kernel_op, launch
@@ -356,17 +356,6 @@ def _blocks(dim: int, N: int, dtype: torch.dtype) -> Tuple[int, int]:
     return min(cap, triton.next_power_of_2(dim)), bn
 
 
-def _check(name: str, t: Optional[torch.Tensor], shape, dtype, u: torch.Tensor) -> None:
-    """The raw ops' argument checks (like csrc/scan_shapes.h): errors name the argument."""
-    if t is None:
-        return
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    same_device("u", u, **{name: t})
-
-
 def _check_scan(u, delta, A, B, C, D, z, delta_bias, fork: bool, prefix_len: int = 0):
     """(batch, dim, L, N) of valid operands, channel-major (selective_scan) or token-major (fork_scan)."""
     layout = "(batch, prefix_len + 2 * suffix_len, dim)" if fork else "(batch, dim, seqlen)"
@@ -386,13 +375,13 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, fork: bool, prefix_len: int
         raise ValueError(f"empty input: u {tuple(u.shape)}, A {tuple(A.shape)}")
     acc = acc_dtype(u.dtype)
     bl = (lambda x: (b, L, x)) if fork else (lambda x: (b, x, L))
-    _check("delta", delta, u.shape, u.dtype, u)
-    _check("A", A, (dim, N), acc, u)
-    _check("B", B, bl(N), u.dtype, u)
-    _check("C", C, bl(N), u.dtype, u)
-    _check("D", D, (dim,), acc, u)
-    _check("z", z, (b, s, dim) if fork else u.shape, u.dtype, u)
-    _check("delta_bias", delta_bias, (dim,), acc, u)
+    operand("delta", delta, u.shape, u.dtype, "u", u)
+    operand("A", A, (dim, N), acc, "u", u)
+    operand("B", B, bl(N), u.dtype, "u", u)
+    operand("C", C, bl(N), u.dtype, "u", u)
+    operand("D", D, (dim,), acc, "u", u)
+    operand("z", z, (b, s, dim) if fork else u.shape, u.dtype, "u", u)
+    operand("delta_bias", delta_bias, (dim,), acc, "u", u)
     return b, dim, L, N
 
 
@@ -480,7 +469,7 @@ def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
                           reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, dim, L, N = _check_scan(u, delta, A, B, C, D, z, delta_bias, fork=False)
     acc = acc_dtype(u.dtype)
-    _check("initial_state", initial_state, (b, dim, N), acc, u)
+    operand("initial_state", initial_state, (b, dim, N), acc, "u", u)
     out = u.new_empty((b, dim, L))
     last = u.new_empty((b, dim, N), dtype=acc)
     ck = u.new_empty((b, dim, num_checkpoints(L), N), dtype=acc)
@@ -498,10 +487,10 @@ def selective_scan_backward_triton(dout: torch.Tensor, dlast_state: Optional[tor
                                    reverse: bool) -> List[torch.Tensor]:
     b, dim, L, N = _check_scan(u, delta, A, B, C, D, z, delta_bias, fork=False)
     acc = acc_dtype(u.dtype)
-    _check("initial_state", initial_state, (b, dim, N), acc, u)
-    _check("dout", dout, u.shape, u.dtype, u)
-    _check("checkpoints", checkpoints, (b, dim, num_checkpoints(L), N), acc, u)
-    _check("dlast_state", dlast_state, (b, dim, N), acc, u)
+    operand("initial_state", initial_state, (b, dim, N), acc, "u", u)
+    operand("dout", dout, u.shape, u.dtype, "u", u)
+    operand("checkpoints", checkpoints, (b, dim, num_checkpoints(L), N), acc, "u", u)
+    operand("dlast_state", dlast_state, (b, dim, N), acc, "u", u)
     grads = _launch_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, None, checkpoints, False, reverse,
                         delta_softplus, 0, 0)
     dh0 = grads[8] if initial_state is not None else u.new_empty((0,), dtype=acc)
@@ -530,9 +519,9 @@ def fork_scan_backward_triton(dout: torch.Tensor, u: torch.Tensor, delta: torch.
     b, dim, L, N = _check_scan(u, delta, A, B, C, D, z, delta_bias, fork=True, prefix_len=prefix_len)
     p, s = prefix_len, (L - prefix_len) // 2
     acc = acc_dtype(u.dtype)
-    _check("dout", dout, (b, s, dim), u.dtype, u)
-    _check("ysum", ysum, (b, s, dim), acc, u)
-    _check("checkpoints", checkpoints, (b, dim, num_checkpoints(p) + 2 * num_checkpoints(s), N), acc, u)
+    operand("dout", dout, (b, s, dim), u.dtype, "u", u)
+    operand("ysum", ysum, (b, s, dim), acc, "u", u)
+    operand("checkpoints", checkpoints, (b, dim, num_checkpoints(p) + 2 * num_checkpoints(s), N), acc, "u", u)
     grads = _launch_bwd(dout, None, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, True, False,
                         delta_softplus, p, s)
     return list(grads[:8])

@@ -64,6 +64,22 @@ def flag(name: str, v) -> bool:
     return v
 
 
+def operand(name: str, t, shape: Sequence[int], dtype: torch.dtype, ref_name: str, ref: torch.Tensor) -> None:
+    """A raw (torch.ops) op's operand: None, or exactly `shape` and `dtype` on ``ref``'s device.
+
+    The kernels' own argument checks (kernels/, like csrc/*_shapes.h): errors name
+    the argument; a dtype that should match ``ref``'s says so.
+    """
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        like = f" like {ref_name}" if dtype == ref.dtype else ""
+        raise TypeError(f"{name} must have dtype {dtype}{like}, got {t.dtype}")
+    same_device(ref_name, ref, **{name: t})
+
+
 def same_device(ref_name: str, ref: torch.Tensor, **tensors) -> None:
     """Fake-kernel guard: every given tensor (None skipped) is on ``ref``'s device.
 
