@@ -249,14 +249,18 @@ void run_grid(K kernel, dim3 grid, dim3 block, size_t smem, const Args&... args)
                            unsigned(bi / (long(grid.x) * grid.y)));
         tl_block = &blk;
         tl_static_index = 0;
+        bool returned = false;
         try {
           kernel(args...);
+          returned = true;
         } catch (const Broken&) {
         } catch (const std::exception& e) {
           fail(bi, e.what());
         }
         // The warp barrier serves only shuffles: lanes waiting there wait for this lane.
-        if (blk.warps[t / 32]->bar.drop())
+        // A lane leaving through an error (its own, or a barrier broken by
+        // another's) is not the fault to report: the error that broke it is.
+        if (blk.warps[t / 32]->bar.drop() && returned)
           fail(bi, "thread " + std::to_string(t) + " exited while lanes of its warp wait in a full-mask "
                    "__shfl_xor_sync");
         blk.bar.drop();
