@@ -20,7 +20,8 @@
 //    array, constant indices), the 8 rows are reduced in shared memory and one
 //    atomicAdd per (e, k) per block goes into a zeroed Acc (fp32 / fp64)
 //    buffer, cast to the weight dtype afterwards. Float atomics: dweight and
-//    dbias are not bitwise deterministic run to run; dx and y are.
+//    dbias are not bitwise deterministic run to run (so the backward raises
+//    under torch.use_deterministic_algorithms(True)); dx and y are.
 // K <= 64 on CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -215,6 +216,8 @@ std::vector<at::Tensor> fork_conv1d_backward_cuda(const at::Tensor& dy, const at
   const int64_t Lout = sh.p + 2 * sh.s, Lin = sh.p + sh.s;
   check_act("dy", dy, {sh.batch, Lout, sh.E}, x_prefix);
   check_conv_cuda(x_prefix, x_suffix, weight, bias, &dy, sh);
+  alert_atomic_reduction(
+      "vlssm::fork_conv1d_backward on CUDA (atomicAdd of dweight, dbias; backend='triton' is deterministic)");
   const c10::cuda::CUDAGuard guard(x_prefix.device());
   const auto acc = acc_dtype(x_prefix.scalar_type());
   at::Tensor dxp = at::empty({sh.batch, sh.p, sh.E}, x_prefix.options());

@@ -41,7 +41,9 @@
 // then global atomicAdd into zeroed Acc outputs. Floating-point atomics make
 // dA, dB, dC, dD and d delta_bias not bitwise deterministic run to run (order
 // of b / channel-block summation); du, ddelta, dz, dinitial_state and all
-// forward outputs are deterministic.
+// forward outputs are deterministic. The backward ops therefore raise under
+// torch.use_deterministic_algorithms(True) (alert_atomic_reduction); the CPU
+// and Triton backends are deterministic.
 //
 // Bytes per token (floor, fork_scan forward, bf16, N = 16, per (b, token)):
 // read u, delta (2 E x 2 B) + B, C (2 N x 2 B) + z on the suffix, write out
@@ -774,6 +776,8 @@ std::vector<at::Tensor> selective_scan_backward_cuda(
                      {"delta_bias", opt_ptr(delta_bias)}, {"initial_state", opt_ptr(initial_state)},
                      {"checkpoints", &checkpoints}});
   check_grid(sh);
+  alert_atomic_reduction(
+      "vlssm::selective_scan_backward on CUDA (atomicAdd of dA, dB, dC, dD, d delta_bias; backend='triton' is deterministic)");
   const c10::cuda::CUDAGuard guard(u.device());
   const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
   ScanGrads gr(u, sh, false, sh.L, z.has_value());
@@ -836,6 +840,8 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
                      {"D", opt_ptr(D)}, {"z", opt_ptr(z)}, {"delta_bias", opt_ptr(delta_bias)}, {"ysum", &ysum},
                      {"checkpoints", &checkpoints}});
   check_grid(sh);
+  alert_atomic_reduction(
+      "vlssm::fork_scan_backward on CUDA (atomicAdd of dA, dB, dC, dD, d delta_bias; backend='triton' is deterministic)");
   const c10::cuda::CUDAGuard guard(u.device());
   ScanGrads gr(u, sh, true, fl.s, z.has_value());
   const ScanWeights w(A, D, delta_bias);

@@ -19,11 +19,13 @@ VLSSM_EMU_FULL=1 runs every case of check_cuda.py (372, about 13 minutes on
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,69 @@ def test_cuda_kernel_matches_cpu(emu, cid, fn, args, capsys):
     failures = []
     fn(emu, CPU, failures, *args)
     assert not failures, capsys.readouterr().out + "\n".join(failures)
+
+
+# -- determinism --------------------------------------------------------------
+
+@contextlib.contextmanager
+def _deterministic(warn_only: bool):
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _backward_calls(ns):
+    """(name, forward call, backward call) of each op with a small input, through op namespace ns."""
+    g = torch.Generator().manual_seed(0)
+    b, D, L, N, p, s, K = 2, 5, 7, 4, 3, 2, 4
+    A = -torch.rand(D, N, generator=g).add(0.5)
+    u, delta, dout = (torch.randn(b, D, L, generator=g) for _ in range(3))
+    B, C = (torch.randn(b, N, L, generator=g) for _ in range(2))
+    sel = (u, delta, A, B, C, None, None, None, None)
+    uf, df = (torch.randn(b, p + 2 * s, D, generator=g) for _ in range(2))
+    Bf, Cf = (torch.randn(b, p + 2 * s, N, generator=g) for _ in range(2))
+    fork = (uf, df, A, Bf, Cf, None, None, None)
+    xp, xs, w = torch.randn(b, p, D, generator=g), torch.randn(b, s, D, generator=g), torch.randn(D, K, generator=g)
+    dy = torch.randn(b, p + 2 * s, D, generator=g)
+
+    def sel_bwd():
+        ck = ns.selective_scan(*sel, True, False)[2]
+        return ns.selective_scan_backward(dout, None, *sel, ck, True, False)
+
+    def fork_bwd():
+        out, ysum, ck = ns.fork_scan(*fork, p, True)
+        return ns.fork_scan_backward(torch.ones_like(out), *fork, ysum, ck, p, True)
+
+    return [
+        ("selective_scan", lambda: ns.selective_scan(*sel, True, False), sel_bwd),
+        ("fork_scan", lambda: ns.fork_scan(*fork, p, True), fork_bwd),
+        ("fork_conv1d", lambda: ns.fork_conv1d(xp, xs, w, None),
+         lambda: ns.fork_conv1d_backward(dy, xp, xs, w, None)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(3), ids=["selective_scan", "fork_scan", "fork_conv1d"])
+def test_atomic_backward_alerts_under_deterministic_algorithms(emu, i):
+    """The CUDA backward ops reduce weight gradients with float atomicAdd: they must raise under
+    torch.use_deterministic_algorithms(True) and warn with warn_only; the forward ops and the CPU
+    kernels (fixed-order sums) must not."""
+    name, fwd, bwd = _backward_calls(emu)[i]
+    with _deterministic(warn_only=False):
+        fwd()
+        with pytest.raises(RuntimeError, match=f"vlssm::{name}_backward on CUDA .*does not have a deterministic"):
+            bwd()
+    with _deterministic(warn_only=True):
+        with pytest.warns(UserWarning, match=f"vlssm::{name}_backward on CUDA"):
+            bwd()
+    _, _, cpu_bwd = _backward_calls(torch.ops.vlssm)[i]
+    with _deterministic(warn_only=False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, b = cpu_bwd(), cpu_bwd()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
 
 
 # -- the emulator itself ------------------------------------------------------

@@ -211,6 +211,40 @@ def test_fork_conv1d_broadcast_suffix(backend, seed):
     check("dx_suffix", g, g64, F32, tol=T.GRAD_TOL[F32])
 
 
+# --------------------------------------------------------------------------- determinism
+
+def _fork_and_conv_grads(backend: str, inp: Dict[str, torch.Tensor], cinp: Dict[str, torch.Tensor], p: int):
+    gs = T.grads_of(lambda **a: ops.fork_scan(**a, prefix_len=p, backend=backend), inp,
+                    [torch.ones(inp["u"].shape[0], (inp["u"].shape[1] - p) // 2, inp["u"].shape[2],
+                                device="cuda")])[1]
+    gc = T.grads_of(lambda **a: ops.fork_conv1d(**a, backend=backend), cinp,
+                    [torch.ones(cinp["x_prefix"].shape[0], p + 2 * cinp["x_suffix"].shape[1],
+                                cinp["x_prefix"].shape[2], device="cuda")])[1]
+    return {**gs, **{"conv_" + k: v for k, v in gc.items()}}
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_backward_under_deterministic_algorithms(backend, seed):
+    """Under torch.use_deterministic_algorithms(True): the Triton backward is bitwise repeatable
+    (fixed-order partial sums); the CUDA backward (float atomicAdd of the weight gradients) raises."""
+    _skip_unless(backend)
+    b, p, s, E, N, K = 4, 196, 80, 256, 16, 4
+    inp = cuda(T.fork_inputs(seed, b, p, s, E, N))
+    cinp = cuda(T.conv_inputs(seed, b, p, s, E, K))
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        if backend == "cuda":
+            with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+                _fork_and_conv_grads(backend, inp, cinp, p)
+            return
+        first, second = (_fork_and_conv_grads(backend, inp, cinp, p) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+    for k in first:
+        assert torch.equal(first[k], second[k]), f"d{k} differs between two identical backward runs"
+
+
 # --------------------------------------------------------------------------- IFM ops (Triton on GPU)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
