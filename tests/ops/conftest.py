@@ -49,6 +49,16 @@ def restore_threads():
 
 
 @pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for the test: an op that alerts (a nondeterministic
+    kernel somewhere in its forward or backward) raises."""
+    prev, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(prev, warn_only=warn_only)
+
+
+@pytest.fixture
 def clean_env(monkeypatch):
     """No VLSSM_BACKEND from the caller's environment."""
     monkeypatch.delenv("VLSSM_BACKEND", raising=False)

@@ -295,7 +295,7 @@ def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
 # Determinism, layouts
 
 
-def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads):
+def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads, deterministic_algorithms):
     c = Case(3, 50, 30, 130, 4, True)
     inp = c.inputs(seed, F32)
     cot = [T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E)]

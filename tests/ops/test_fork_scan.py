@@ -379,7 +379,7 @@ def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
 # Determinism, layouts
 
 
-def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads):
+def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads, deterministic_algorithms):
     c = Case(3, 70, 40, 70, 5)
     inp = c.inputs(seed, F32)
     cot = [T.randn(T.gen(seed + 1), c.b, c.s, c.E)]

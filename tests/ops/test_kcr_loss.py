@@ -234,7 +234,7 @@ def test_raw_ops_write_every_element(backend, c, seed):
         assert torch.equal(g, g2), "backward is not deterministic"
 
 
-def test_cpu_deterministic_across_thread_counts(seed, cpu_backend, restore_threads):
+def test_cpu_deterministic_across_thread_counts(seed, cpu_backend, restore_threads, deterministic_algorithms):
     inp = Case((64, 50), (7, 64, 50)).inputs(seed, F32)
 
     def both():

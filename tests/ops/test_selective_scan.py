@@ -412,7 +412,7 @@ def _fwd_bwd(inp, c, backend):
     return outs + [grads[k] for k in sorted(grads)]
 
 
-def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads):
+def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads, deterministic_algorithms):
     c = Case(3, 70, 150, 5, True, True, True, True, True, True)
     inp = c.inputs(seed, F32)
     torch.set_num_threads(2)
