@@ -68,12 +68,6 @@ inline void allow_smem(K kernel, size_t bytes) {
 // would pull in cuSPARSE / cuBLAS headers, absent from some toolkits).
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// For kernels that reduce with floating-point atomicAdd (summation order varies
-// run to run): raises under torch.use_deterministic_algorithms(True), warns with
-// warn_only=True, as ATen's own atomic kernels do. `what` names the op and the
-// nondeterministic outputs.
-inline void alert_atomic_reduction(const char* what) { at::globalContext().alertNotDeterministic(what); }
-
 // Device conversions to / from the storage dtype.
 template <typename Acc, typename T>
 __device__ __forceinline__ Acc to_acc(T v) {

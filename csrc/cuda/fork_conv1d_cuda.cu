@@ -20,8 +20,10 @@
 //    array, constant indices), the 8 rows are reduced in shared memory and one
 //    atomicAdd per (e, k) per block goes into a zeroed Acc (fp32 / fp64)
 //    buffer, cast to the weight dtype afterwards. Float atomics: dweight and
-//    dbias are not bitwise deterministic run to run (so the backward raises
-//    under torch.use_deterministic_algorithms(True)); dx and y are.
+//    dbias are not bitwise deterministic run to run; dx and y are. Under
+//    torch.use_deterministic_algorithms(True) each block stores its sums into
+//    per-batch partials (b, E, K) / (b, E) instead, summed over b by at::sum:
+//    bitwise repeatable, b x E x (K + 1) Acc of scratch.
 // K <= 64 on CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -103,9 +105,13 @@ __global__ void __launch_bounds__(256) conv_bwd_dx_kernel(const ConvIn<T> c, con
 constexpr int kWCh = 32;    // channels per block (one warp along x)
 constexpr int kWRows = 8;   // token rows per block
 
+// det: dw / db are per-batch partials (b, E, K) / (b, E), stored without
+// atomics (summed over b in a fixed order afterwards); else (E, K) / (E)
+// zeroed accumulators.
 template <typename T, typename Acc, int KMAX>
 __global__ void __launch_bounds__(kWCh * kWRows) conv_bwd_dw_kernel(const ConvIn<T> c, const V3<const T> dy,
-                                                                    Acc* __restrict__ dw, Acc* __restrict__ db) {
+                                                                    Acc* __restrict__ dw, Acc* __restrict__ db,
+                                                                    bool det) {
   __shared__ Acc red[kWRows][kWCh];
   const int64_t e = int64_t(blockIdx.x) * kWCh + threadIdx.x;
   const int64_t b = blockIdx.y;
@@ -134,7 +140,8 @@ __global__ void __launch_bounds__(kWCh * kWRows) conv_bwd_dw_kernel(const ConvIn
       for (int k = 0; k < KMAX; ++k) aw[k] += a * xv[k];
     }
   }
-  // Reduce the token rows in shared memory; one atomic per (e, k) per block.
+  // Reduce the token rows in shared memory; one atomic (or, det, one store)
+  // per (e, k) per block.
 #pragma unroll
   for (int k = 0; k <= KMAX; ++k) {
     if (k < KMAX && k >= c.K) continue;  // block-uniform
@@ -144,7 +151,13 @@ __global__ void __launch_bounds__(kWCh * kWRows) conv_bwd_dw_kernel(const ConvIn
       Acc sum = Acc(0);
 #pragma unroll
       for (int r = 0; r < kWRows; ++r) sum += red[r][threadIdx.x];
-      if (k < KMAX) {
+      if (det) {
+        if (k < KMAX) {
+          dw[(b * c.E + e) * c.K + k] = sum;
+        } else if (db != nullptr) {
+          db[b * c.E + e] = sum;
+        }
+      } else if (k < KMAX) {
         atomicAdd(&dw[e * c.K + k], sum);
       } else if (db != nullptr) {
         atomicAdd(&db[e], sum);
@@ -216,14 +229,17 @@ std::vector<at::Tensor> fork_conv1d_backward_cuda(const at::Tensor& dy, const at
   const int64_t Lout = sh.p + 2 * sh.s, Lin = sh.p + sh.s;
   check_act("dy", dy, {sh.batch, Lout, sh.E}, x_prefix);
   check_conv_cuda(x_prefix, x_suffix, weight, bias, &dy, sh);
-  alert_atomic_reduction(
-      "vlssm::fork_conv1d_backward on CUDA (atomicAdd of dweight, dbias; backend='triton' is deterministic)");
   const c10::cuda::CUDAGuard guard(x_prefix.device());
   const auto acc = acc_dtype(x_prefix.scalar_type());
   at::Tensor dxp = at::empty({sh.batch, sh.p, sh.E}, x_prefix.options());
   at::Tensor dxs = at::empty({sh.batch, sh.s, sh.E}, x_prefix.options());
-  at::Tensor dw_acc = at::zeros({sh.E, sh.K}, x_prefix.options().dtype(acc));
-  at::Tensor db_acc = at::zeros({bias.has_value() ? sh.E : 0}, x_prefix.options().dtype(acc));
+  // torch.use_deterministic_algorithms(True): per-batch partials summed by
+  // at::sum (fixed order) instead of atomics into one accumulator.
+  const bool det = at::globalContext().deterministicAlgorithms();
+  const auto acc_opts = x_prefix.options().dtype(acc);
+  at::Tensor dw_acc = det ? at::empty({sh.batch, sh.E, sh.K}, acc_opts) : at::zeros({sh.E, sh.K}, acc_opts);
+  at::Tensor db_acc = bias.has_value() ? (det ? at::empty({sh.batch, sh.E}, acc_opts) : at::zeros({sh.E}, acc_opts))
+                                       : at::empty({0}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_prefix.scalar_type(), "vlssm_fork_conv1d_bwd_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
@@ -237,14 +253,18 @@ std::vector<at::Tensor> fork_conv1d_backward_cuda(const at::Tensor& dy, const at
     const dim3 block(kWCh, kWRows);
     Acc* dbp = bias.has_value() ? db_acc.data_ptr<Acc>() : nullptr;
     if (sh.K <= 4) {
-      conv_bwd_dw_kernel<T, Acc, 4><<<grid, block, 0, stream>>>(c, dyv, dw_acc.data_ptr<Acc>(), dbp);
+      conv_bwd_dw_kernel<T, Acc, 4><<<grid, block, 0, stream>>>(c, dyv, dw_acc.data_ptr<Acc>(), dbp, det);
     } else if (sh.K <= 16) {
-      conv_bwd_dw_kernel<T, Acc, 16><<<grid, block, 0, stream>>>(c, dyv, dw_acc.data_ptr<Acc>(), dbp);
+      conv_bwd_dw_kernel<T, Acc, 16><<<grid, block, 0, stream>>>(c, dyv, dw_acc.data_ptr<Acc>(), dbp, det);
     } else {
-      conv_bwd_dw_kernel<T, Acc, 64><<<grid, block, 0, stream>>>(c, dyv, dw_acc.data_ptr<Acc>(), dbp);
+      conv_bwd_dw_kernel<T, Acc, 64><<<grid, block, 0, stream>>>(c, dyv, dw_acc.data_ptr<Acc>(), dbp, det);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (det) {
+    dw_acc = dw_acc.sum(0);
+    if (bias.has_value()) db_acc = db_acc.sum(0);
+  }
   return {dxp, dxs, dw_acc.to(x_prefix.scalar_type()), db_acc.to(x_prefix.scalar_type())};
 }
 

@@ -41,9 +41,17 @@
 // then global atomicAdd into zeroed Acc outputs. Floating-point atomics make
 // dA, dB, dC, dD and d delta_bias not bitwise deterministic run to run (order
 // of b / channel-block summation); du, ddelta, dz, dinitial_state and all
-// forward outputs are deterministic. The backward ops therefore raise under
-// torch.use_deterministic_algorithms(True) (alert_atomic_reduction); the CPU
-// and Triton backends are deterministic.
+// forward outputs are deterministic.
+// Deterministic mode (torch.use_deterministic_algorithms(True), N <= 16):
+// no atomics. Each warp stores its dB / dC sums into its own shared-memory
+// slice, flush_bwd adds the kWarps slices in order and stores the block's sum
+// into a per-block partial (slice blockIdx.x of a (ceil(D / kCPB), b, ...)
+// buffer); each thread stores its dA / dD / d delta_bias sums into per-batch
+// partials (b, D, N) / (b, D); at::sum adds the partials in a fixed order.
+// Bitwise repeatable; costs ceil(D / 32) x b x L x N Acc of scratch per dB /
+// dC (written once, read once: about +50% of the backward's bytes at N = 16,
+// estimated). N > 16 (kCPB <= 8) would need 4-8x more scratch: there the
+// backward keeps its atomics and alerts (raises under deterministic mode).
 //
 // Bytes per token (floor, fork_scan forward, bf16, N = 16, per (b, token)):
 // read u, delta (2 E x 2 B) + B, C (2 N x 2 B) + z on the suffix, write out
@@ -51,8 +59,9 @@
 // 4 N B per 64 tokens per channel. See bench/NOTES-cuda.md.
 //
 // No allocations besides the outputs and, for fp16 / bf16, Acc buffers of
-// dB / dC (b, L, N) (and .contiguous() copies of A, D, delta_bias,
-// checkpoints when they are not contiguous). No host syncs.
+// dB / dC (b, L, N) (the partials in deterministic mode), and .contiguous()
+// copies of A, D, delta_bias, checkpoints when they are not contiguous. No
+// host syncs.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -64,6 +73,8 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kDetMaxN = 16;                    // deterministic backward: N <= 16 (kCPB >= 32)
 constexpr int kTileF = 32;                      // forward tile (walk steps)
 constexpr int kSub = 8;                         // backward sub-chunk (walk steps)
 constexpr int kChunkI = 64;                     // == kCheckpointChunk
@@ -105,6 +116,12 @@ struct ScanParams {
   Acc* dA = nullptr;              // (D, N) zeroed
   Acc* dD = nullptr;              // (D) zeroed
   Acc* dbias = nullptr;           // (D) zeroed
+  // Deterministic mode: no atomics. dB / dC are then partials, one
+  // (b, state, token) slice per block column (slice blockIdx.x, part_stride
+  // elements apart), and dA / dD / dbias per-batch partials (b, D, N) /
+  // (b, D) / (b, D); every element is stored exactly once.
+  bool det = false;
+  int64_t part_stride = 0;
 };
 
 // One segment of the walk. mode: 0 prefix (no output), 1 selective_scan
@@ -379,15 +396,17 @@ struct BwdTile {
   Acc* snap;  // (kNumSub, kNPL, kThreads): per-thread state snapshots, thread-private
 };
 
+// det: dB / dC hold one (kSub x Npad) slice per warp (see bwd_smem).
 template <typename Acc, typename CF>
-__device__ __forceinline__ BwdTile<Acc> bwd_tile(Acc* smem) {
+__device__ __forceinline__ BwdTile<Acc> bwd_tile(Acc* smem, bool det) {
   constexpr int CPB = CF::kCPB, Npad = CF::kNpad;
+  const int red = (det ? kWarps : 1) * kSub * Npad;
   BwdTile<Acc> bt;
   bt.in.B = smem;
   bt.in.C = bt.in.B + kSub * Npad;
   bt.dB = bt.in.C + kSub * Npad;
-  bt.dC = bt.dB + kSub * Npad;
-  bt.in.u = bt.dC + kSub * Npad;
+  bt.dC = bt.dB + red;
+  bt.in.u = bt.dC + red;
   bt.in.dt = bt.in.u + kSub * CPB;
   bt.in.raw = bt.in.dt + kSub * CPB;
   bt.in.gy = bt.in.raw + kSub * CPB;
@@ -414,14 +433,26 @@ flush_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg&
     }
   });
   const bool bfast = token_fast(P.dB);
+  const int64_t part = int64_t(blockIdx.x) * P.part_stride;  // 0 unless det
   for (int idx = threadIdx.x; idx < kSub * Npad; idx += kThreads) {
     int t, n;
     tile_map(idx, kSub, Npad, bfast, t, n);
     const int64_t j = j0 + t;
     if (j >= jend || n >= P.N) continue;
     const int64_t l = sg.tok(j);
-    atomicAdd(&P.dB(ln.b, n, l), bt.dB[t * Npad + n]);
-    atomicAdd(&P.dC(ln.b, n, l), bt.dC[t * Npad + n]);
+    if (P.det) {  // the warps' slices in order, then this block's partial
+      Acc sb = bt.dB[t * Npad + n], sc = bt.dC[t * Npad + n];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        sb += bt.dB[(w * kSub + t) * Npad + n];
+        sc += bt.dC[(w * kSub + t) * Npad + n];
+      }
+      (&P.dB(ln.b, n, l))[part] = sb;
+      (&P.dC(ln.b, n, l))[part] = sc;
+    } else {
+      atomicAdd(&P.dB(ln.b, n, l), bt.dB[t * Npad + n]);
+      atomicAdd(&P.dC(ln.b, n, l), bt.dC[t * Npad + n]);
+    }
   }
 }
 
@@ -439,7 +470,7 @@ __device__ __forceinline__ void
 seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, Acc* smem, Acc (&lam)[CF::kNPL],
     LaneGrads<Acc, CF::kNPL>& gr) {
   constexpr int NPL = CF::kNPL, LPC = CF::kLPC, CPB = CF::kCPB, Npad = CF::kNpad;
-  const BwdTile<Acc> bt = bwd_tile<Acc, CF>(smem);
+  const BwdTile<Acc> bt = bwd_tile<Acc, CF>(smem, P.det);
   Tile<Acc> fwd_in = bt.in;  // the snapshot pass needs no gy / raw
   fwd_in.gy = nullptr;
   fwd_in.raw = nullptr;
@@ -484,7 +515,7 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
       for (int k = 0; k < NPL; ++k) hb[0][k] = bt.snap[(sc * NPL + k) * kThreads + threadIdx.x];
       __syncthreads();
       stage_tile<T, Acc, CF, kSub>(P, ln.b, ln.d0, sg, j0, jend, bt.in, true);
-      for (int idx = threadIdx.x; idx < kSub * Npad; idx += kThreads) {
+      for (int idx = threadIdx.x; idx < kSub * Npad && !P.det; idx += kThreads) {  // det: every slot read is stored
         bt.dB[idx] = Acc(0);
         bt.dC[idx] = Acc(0);
       }
@@ -527,7 +558,11 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
         for (int k = 0; k < NPL; ++k) {
           const Acc sb = cross_group_sum<LPC>(vdb[k]);
           const Acc sc2 = cross_group_sum<LPC>(vdc[k]);
-          if (lane < LPC) {
+          if (lane < LPC && P.det) {  // this warp's slice: every (t < nt, n) stored once
+            const int w = threadIdx.x / 32;
+            bt.dB[(w * kSub + t) * Npad + ln.n(k)] = sb;
+            bt.dC[(w * kSub + t) * Npad + ln.n(k)] = sc2;
+          } else if (lane < LPC) {
             atomicAdd(&bt.dB[t * Npad + ln.n(k)], sb);
             atomicAdd(&bt.dC[t * Npad + ln.n(k)], sc2);
           }
@@ -595,7 +630,16 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T, 
     for (int k = 0; k < NPL; ++k)
       if (ln.n(k) < P.N) row[ln.n(k)] = lam[k];
   }
-  if (ln.valid) {
+  if (ln.valid && P.det) {  // per-batch partials: this thread's elements, stored once
+    const int64_t bd = static_cast<int64_t>(ln.b) * P.dim + ln.d;
+#pragma unroll
+    for (int k = 0; k < NPL; ++k)
+      if (ln.n(k) < P.N) P.dA[bd * P.N + ln.n(k)] = gr.dA[k];
+    if (ln.g == 0) {
+      P.dD[bd] = gr.dD;
+      P.dbias[bd] = gr.dbias;
+    }
+  } else if (ln.valid) {
 #pragma unroll
     for (int k = 0; k < NPL; ++k)
       if (ln.n(k) < P.N) atomicAdd(&P.dA[static_cast<int64_t>(ln.d) * P.N + ln.n(k)], gr.dA[k]);
@@ -629,8 +673,9 @@ size_t fwd_smem() {
   return sizeof(Acc) * (2 * kTileF * CF::kNpad + 3 * kTileF * CF::kCPB);
 }
 template <typename Acc, typename CF>
-size_t bwd_smem() {
-  return sizeof(Acc) * (4 * kSub * CF::kNpad + 7 * kSub * CF::kCPB + kNumSub * CF::kNPL * kThreads);
+size_t bwd_smem(bool det) {
+  return sizeof(Acc) * ((2 + 2 * (det ? kWarps : 1)) * kSub * CF::kNpad + 7 * kSub * CF::kCPB +
+                        kNumSub * CF::kNPL * kThreads);
 }
 
 // Launch the forward (bwd = false) or backward kernel of the config for N.
@@ -639,7 +684,7 @@ void launch(const ScanParams<T, Acc>& P, bool bwd) {
   with_cfg(P.N, [&](auto cf) {
     using CF = decltype(cf);
     const dim3 grid((P.dim + CF::kCPB - 1) / CF::kCPB, P.batch);
-    const size_t smem = bwd ? bwd_smem<Acc, CF>() : fwd_smem<Acc, CF>();
+    const size_t smem = bwd ? bwd_smem<Acc, CF>(P.det) : fwd_smem<Acc, CF>();
     auto kernel = bwd ? scan_bwd_kernel<T, Acc, CF> : scan_fwd_kernel<T, Acc, CF>;
     allow_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, current_stream()>>>(P);
@@ -686,15 +731,36 @@ void set_fork(ScanParams<T, Acc>& P, const ForkLayout& fl) {
   P.nck_s = fl.nck_s;
 }
 
+// Block columns of the grid (gridDim.x): one dB / dC partial slice each in deterministic mode.
+int64_t grid_columns(const ScanShape& sh) {
+  int64_t cpb = 0;
+  with_cfg(sh.N, [&](auto cf) { cpb = decltype(cf)::kCPB; });
+  return (sh.dim + cpb - 1) / cpb;
+}
+
+// Deterministic mode for this backward (see the top of the file); where it is
+// requested but N > kDetMaxN, the atomic path alerts (raises, or warns with
+// warn_only=True).
+bool deterministic_backward(const char* op, const ScanShape& sh) {
+  if (!at::globalContext().deterministicAlgorithms()) return false;
+  if (sh.N <= kDetMaxN) return true;
+  at::globalContext().alertNotDeterministic(
+      std::string(op) + " on CUDA with dstate N > " + std::to_string(kDetMaxN) +
+      " (atomicAdd of dA, dB, dC, dD, d delta_bias; N <= 16, backend='triton' or backend='cpu' are deterministic)");
+  return false;
+}
+
 // Gradient outputs common to both backward ops; token_major: (b, L, D)
 // activations and (b, L, N) B / C (fork_scan), else (b, D, L) and (b, N, L).
 // dB / dC accumulate in zeroed Acc buffers (cast to u's dtype by finish()).
+// det (deterministic_backward): the reduced gradients are uninitialised
+// partials instead (see ScanParams), summed by finish().
 struct ScanGrads {
-  bool token_major;
+  bool token_major, det;
   at::Tensor du, ddelta, dB_acc, dC_acc, dA, dD_full, dbias_full, dz;
 
-  ScanGrads(const at::Tensor& u, const ScanShape& sh, bool token_major_, int64_t zlen, bool has_z)
-      : token_major(token_major_) {
+  ScanGrads(const at::Tensor& u, const ScanShape& sh, bool token_major_, int64_t zlen, bool has_z, bool det_)
+      : token_major(token_major_), det(det_) {
     const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
     const auto act = [&](int64_t len) {
       return token_major ? std::vector<int64_t>{sh.batch, len, sh.dim} : std::vector<int64_t>{sh.batch, sh.dim, len};
@@ -703,11 +769,21 @@ struct ScanGrads {
                                                 : std::vector<int64_t>{sh.batch, sh.N, sh.L};
     du = at::empty(act(sh.L), u.options());
     ddelta = at::empty(act(sh.L), u.options());
-    dB_acc = at::zeros(bc, acc_opts);
-    dC_acc = at::zeros(bc, acc_opts);
-    dA = at::zeros({sh.dim, sh.N}, acc_opts);
-    dD_full = at::zeros({sh.dim}, acc_opts);
-    dbias_full = at::zeros({sh.dim}, acc_opts);
+    if (det) {
+      std::vector<int64_t> parts = bc;
+      parts.insert(parts.begin(), grid_columns(sh));
+      dB_acc = at::empty(parts, acc_opts);
+      dC_acc = at::empty(parts, acc_opts);
+      dA = at::empty({sh.batch, sh.dim, sh.N}, acc_opts);
+      dD_full = at::empty({sh.batch, sh.dim}, acc_opts);
+      dbias_full = at::empty({sh.batch, sh.dim}, acc_opts);
+    } else {
+      dB_acc = at::zeros(bc, acc_opts);
+      dC_acc = at::zeros(bc, acc_opts);
+      dA = at::zeros({sh.dim, sh.N}, acc_opts);
+      dD_full = at::zeros({sh.dim}, acc_opts);
+      dbias_full = at::zeros({sh.dim}, acc_opts);
+    }
     dz = has_z ? at::empty(act(zlen), u.options()) : at::empty({0}, u.options());
   }
 
@@ -717,8 +793,10 @@ struct ScanGrads {
     P.du = view3<T>(du, 0, x, l);
     P.ddelta = view3<T>(ddelta, 0, x, l);
     if (dz.numel() > 0) P.dz = view3<T>(dz, 0, x, l);
-    P.dB = view3<Acc>(dB_acc, 0, x, l);
-    P.dC = view3<Acc>(dC_acc, 0, x, l);
+    P.det = det;
+    P.part_stride = det ? dB_acc.stride(0) : 0;
+    P.dB = view3<Acc>(det ? dB_acc[0] : dB_acc, 0, x, l);
+    P.dC = view3<Acc>(det ? dC_acc[0] : dC_acc, 0, x, l);
     P.dA = dA.data_ptr<Acc>();
     P.dD = dD_full.data_ptr<Acc>();
     P.dbias = dbias_full.data_ptr<Acc>();
@@ -727,8 +805,10 @@ struct ScanGrads {
   // (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); absent optionals: empty.
   std::vector<at::Tensor> finish(const at::Tensor& u, bool has_D, bool has_bias) const {
     const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
-    return {du, ddelta, dA, dB_acc.to(u.scalar_type()), dC_acc.to(u.scalar_type()),
-            has_D ? dD_full : at::empty({0}, acc_opts), dz, has_bias ? dbias_full : at::empty({0}, acc_opts)};
+    const auto total = [&](const at::Tensor& t) { return det ? t.sum(0) : t; };
+    return {du, ddelta, total(dA), total(dB_acc).to(u.scalar_type()), total(dC_acc).to(u.scalar_type()),
+            has_D ? total(dD_full) : at::empty({0}, acc_opts), dz,
+            has_bias ? total(dbias_full) : at::empty({0}, acc_opts)};
   }
 };
 
@@ -776,11 +856,9 @@ std::vector<at::Tensor> selective_scan_backward_cuda(
                      {"delta_bias", opt_ptr(delta_bias)}, {"initial_state", opt_ptr(initial_state)},
                      {"checkpoints", &checkpoints}});
   check_grid(sh);
-  alert_atomic_reduction(
-      "vlssm::selective_scan_backward on CUDA (atomicAdd of dA, dB, dC, dD, d delta_bias; backend='triton' is deterministic)");
   const c10::cuda::CUDAGuard guard(u.device());
   const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
-  ScanGrads gr(u, sh, false, sh.L, z.has_value());
+  ScanGrads gr(u, sh, false, sh.L, z.has_value(), deterministic_backward("vlssm::selective_scan_backward", sh));
   at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
   const ScanWeights w(A, D, delta_bias);
   const at::Tensor ckc = checkpoints.contiguous(), dlc = opt_or_empty(dlast_state);
@@ -840,10 +918,8 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
                      {"D", opt_ptr(D)}, {"z", opt_ptr(z)}, {"delta_bias", opt_ptr(delta_bias)}, {"ysum", &ysum},
                      {"checkpoints", &checkpoints}});
   check_grid(sh);
-  alert_atomic_reduction(
-      "vlssm::fork_scan_backward on CUDA (atomicAdd of dA, dB, dC, dD, d delta_bias; backend='triton' is deterministic)");
   const c10::cuda::CUDAGuard guard(u.device());
-  ScanGrads gr(u, sh, true, fl.s, z.has_value());
+  ScanGrads gr(u, sh, true, fl.s, z.has_value(), deterministic_backward("vlssm::fork_scan_backward", sh));
   const ScanWeights w(A, D, delta_bias);
   const at::Tensor ckc = checkpoints.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cuda", [&] {

@@ -92,6 +92,16 @@ assert ODD <= {cid for cid, _, _ in ALL}, ODD - {cid for cid, _, _ in ALL}
 CASES = [c for c in ALL if FULL or c[0] in QUICK or c[0] in ODD]
 
 
+@contextlib.contextmanager
+def _deterministic(on: bool = True):
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
 @pytest.mark.parametrize("cid,fn,args", CASES, ids=[c[0] for c in CASES])
 def test_cuda_kernel_matches_cpu(emu, cid, fn, args, capsys):
     failures = []
@@ -99,22 +109,26 @@ def test_cuda_kernel_matches_cpu(emu, cid, fn, args, capsys):
     assert not failures, capsys.readouterr().out + "\n".join(failures)
 
 
+# The backward's deterministic mode (per-warp / per-batch partials instead of atomics): the odd sizes
+# by default (several channel blocks, partial warps, several checkpoint chunks), everything with FULL.
+DET_CASES = [c for c in ALL if FULL or c[0] in ODD]
+
+
+@pytest.mark.parametrize("cid,fn,args", DET_CASES, ids=[c[0] for c in DET_CASES])
+def test_cuda_kernel_matches_cpu_deterministic_mode(emu, cid, fn, args, capsys):
+    failures = []
+    with _deterministic():
+        fn(emu, CPU, failures, *args)
+    assert not failures, capsys.readouterr().out + "\n".join(failures)
+
+
 # -- determinism --------------------------------------------------------------
 
-@contextlib.contextmanager
-def _deterministic(warn_only: bool):
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=warn_only)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
-
-def _backward_calls(ns):
+def _backward_calls(ns, N=4):
     """(name, forward call, backward call) of each op with a small input, through op namespace ns."""
     g = torch.Generator().manual_seed(0)
-    b, D, L, N, p, s, K = 2, 5, 7, 4, 3, 2, 4
+    b, D, L, p, s, K = 2, 5, 7, 3, 2, 4
     A = -torch.rand(D, N, generator=g).add(0.5)
     u, delta, dout = (torch.randn(b, D, L, generator=g) for _ in range(3))
     B, C = (torch.randn(b, N, L, generator=g) for _ in range(2))
@@ -142,24 +156,40 @@ def _backward_calls(ns):
 
 
 @pytest.mark.parametrize("i", range(3), ids=["selective_scan", "fork_scan", "fork_conv1d"])
-def test_atomic_backward_alerts_under_deterministic_algorithms(emu, i):
-    """The CUDA backward ops reduce weight gradients with float atomicAdd: they must raise under
-    torch.use_deterministic_algorithms(True) and warn with warn_only; the forward ops and the CPU
-    kernels (fixed-order sums) must not."""
+def test_backward_repeatable_under_deterministic_algorithms(emu, i):
+    """Under torch.use_deterministic_algorithms(True) the CUDA backward ops take their atomic-free
+    path: no alert, bitwise-equal results run to run, and the same gradients as the atomic path and
+    the CPU kernels."""
     name, fwd, bwd = _backward_calls(emu)[i]
-    with _deterministic(warn_only=False):
-        fwd()
-        with pytest.raises(RuntimeError, match=f"vlssm::{name}_backward on CUDA .*does not have a deterministic"):
-            bwd()
-    with _deterministic(warn_only=True):
-        with pytest.warns(UserWarning, match=f"vlssm::{name}_backward on CUDA"):
-            bwd()
     _, _, cpu_bwd = _backward_calls(torch.ops.vlssm)[i]
-    with _deterministic(warn_only=False), warnings.catch_warnings():
+    atomic = bwd()
+    with _deterministic(), warnings.catch_warnings():
         warnings.simplefilter("error")
-        a, b = cpu_bwd(), cpu_bwd()
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+        fwd()
+        first, second = bwd(), bwd()
+        cpu = cpu_bwd()
+    for k, (a, b, c, r) in enumerate(zip(first, second, atomic, cpu)):
+        assert torch.equal(a, b), f"{name} backward output {k} differs between two runs"
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=f"{name} output {k}: deterministic vs atomic")
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=f"{name} output {k}: deterministic vs CPU")
+
+
+@pytest.mark.parametrize("i", range(2), ids=["selective_scan", "fork_scan"])
+def test_backward_with_large_dstate_alerts_under_deterministic_algorithms(emu, i):
+    """N > 16 has no deterministic CUDA backward (its partials would be 4-8x larger): it raises under
+    torch.use_deterministic_algorithms(True) and warns with warn_only, as ATen's atomic kernels do."""
+    name, fwd, bwd = _backward_calls(emu, N=17)[i]
+    with _deterministic():
+        fwd()
+        with pytest.raises(RuntimeError, match=f"vlssm::{name}_backward on CUDA with dstate N > 16.*does not have"):
+            bwd()
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with pytest.warns(UserWarning, match=f"vlssm::{name}_backward on CUDA with dstate N > 16"):
+            bwd()
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
 # -- the emulator itself ------------------------------------------------------
@@ -243,9 +273,12 @@ import build, check_cuda
 lib = build.build(mutant={mutant!r})
 emu = getattr(torch.ops, Path(lib).stem)
 failures = []
-for cid, fn, args in check_cuda.cases():
-    if cid in {ids!r}:
-        fn(emu, torch.device("cpu"), failures, *args)
+for det in (False, True):  # the backward's atomic and deterministic (partials) paths
+    # warn_only: N > 16 then warns instead of raising (a C++ throw aborts under the preloaded ASan)
+    torch.use_deterministic_algorithms(det, warn_only=True)
+    for cid, fn, args in check_cuda.cases():
+        if cid in {ids!r}:
+            fn(emu, torch.device("cpu"), failures, *args)
 print("FAILURES", failures)
 sys.exit(1 if failures else 0)
 """
@@ -257,7 +290,8 @@ sys.exit(1 if failures else 0)
 ])
 def test_no_out_of_bounds_access_under_asan(mutant, tmp_path):
     """The quick float32 / bfloat16 cases and the odd sizes in an AddressSanitizer build, with every
-    allocation NaN-filled; a planted one-element shared-memory overflow must be reported."""
+    allocation NaN-filled (so an unwritten output or partial-sum slot fails the comparison), in the
+    default and the deterministic mode; a planted one-element shared-memory overflow must be reported."""
     libasan = _libasan()
     if libasan is None:
         pytest.skip("libasan not found")
