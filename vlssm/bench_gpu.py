@@ -68,7 +68,8 @@ GPU_CSV_COLUMNS = [
 
 SCAN_CSV_COLUMNS = [
     "date_utc", "device_name", "driver", "torch", "cuda", "triton", "dtype", "batch", "m", "c", "block", "prefix_len",
-    "suffix_len", "dim", "d_state", "backend", "fwd_us", "bytes_mb", "gbps", "copy_gbps", "frac_of_copy", "error",
+    "suffix_len", "dim", "d_state", "backend", "fwd_us", "bytes_mb", "gbps", "copy_gbps", "frac_of_copy", "bwd_us",
+    "bwd_det_us", "error",
 ]
 
 
@@ -241,6 +242,18 @@ def bench_scan(cfg: Dict[str, Any], dtype: torch.dtype, copy_gbps: float) -> Lis
                 nbytes = fork_scan_bytes(b, p, s, E, N, dtype)
                 row.update(fwd_us=us, bytes_mb=nbytes / 1e6, gbps=nbytes / (us * 1e-6) / 1e9)
                 row["frac_of_copy"] = row["gbps"] / copy_gbps
+                # The backward alone, by default and under torch.use_deterministic_algorithms(True) (CUDA:
+                # partial sums instead of atomics; torch then also NaN-fills new allocations, as a user sees it)
+                out, ysum, ck = fn(*args)
+                bwd = getattr(torch.ops.vlssm, op.replace("fork_scan", "fork_scan_backward"))
+                bargs = (torch.randn_like(out), *args[:8], ysum, ck, p, True)
+                row["bwd_us"] = cuda_time_ms(lambda: bwd(*bargs), cfg["reps"]) * 1e3
+                prev = torch.are_deterministic_algorithms_enabled()
+                torch.use_deterministic_algorithms(True)
+                try:
+                    row["bwd_det_us"] = cuda_time_ms(lambda: bwd(*bargs), cfg["reps"]) * 1e3
+                finally:
+                    torch.use_deterministic_algorithms(prev)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
             rows.append(row)
@@ -369,12 +382,15 @@ def run(args: argparse.Namespace) -> int:
               f"{_fmt(r.get('fwdbwd_ratio_vs_sdpa_self'), '8.2f')}{_fmt(r.get('peak_mem_mb'), '8.0f')}"
               f"{_fmt(r.get('max_rel_diff'), '10.2e')}  {r.get('error', '')}")
     print()
-    print(f"fork_scan forward alone (bytes read + written once; copy {copy_gbps:.0f} GB/s):")
-    print(f"{'dtype':<9}{'M':>5}{'C':>4}  {'block':<7}{'backend':<8}{'us':>9}{'MB':>8}{'GB/s':>8}{'of copy':>8}  error")
+    print(f"fork_scan alone: forward (bytes read + written once; copy {copy_gbps:.0f} GB/s), backward by default "
+          "and under torch.use_deterministic_algorithms(True):")
+    print(f"{'dtype':<9}{'M':>5}{'C':>4}  {'block':<7}{'backend':<8}{'us':>9}{'MB':>8}{'GB/s':>8}{'of copy':>8}"
+          f"{'bwd us':>9}{'det us':>9}  error")
     for r in scan_rows:
         print(f"{r['dtype']:<9}{r['m']:>5}{r['c']:>4}  {r['block']:<7}"
               f"{r['backend']:<8}{_fmt(r.get('fwd_us'), '9.1f')}{_fmt(r.get('bytes_mb'), '8.1f')}"
-              f"{_fmt(r.get('gbps'), '8.0f')}{_fmt(r.get('frac_of_copy'), '8.2f')}  {r.get('error', '')}")
+              f"{_fmt(r.get('gbps'), '8.0f')}{_fmt(r.get('frac_of_copy'), '8.2f')}"
+              f"{_fmt(r.get('bwd_us'), '9.1f')}{_fmt(r.get('bwd_det_us'), '9.1f')}  {r.get('error', '')}")
     print(f"results: {qpath} {spath}")
     if any(r.get("error") and "capture" not in r["error"] for r in all_rows + scan_rows):
         rc = 1
