@@ -248,12 +248,13 @@ def bench_scan(cfg: Dict[str, Any], dtype: torch.dtype, copy_gbps: float) -> Lis
                 bwd = getattr(torch.ops.vlssm, op.replace("fork_scan", "fork_scan_backward"))
                 bargs = (torch.randn_like(out), *args[:8], ysum, ck, p, True)
                 row["bwd_us"] = cuda_time_ms(lambda: bwd(*bargs), cfg["reps"]) * 1e3
-                prev = torch.are_deterministic_algorithms_enabled()
+                prev = (torch.are_deterministic_algorithms_enabled(),
+                        torch.is_deterministic_algorithms_warn_only_enabled())
                 torch.use_deterministic_algorithms(True)
                 try:
                     row["bwd_det_us"] = cuda_time_ms(lambda: bwd(*bargs), cfg["reps"]) * 1e3
                 finally:
-                    torch.use_deterministic_algorithms(prev)
+                    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
             rows.append(row)

@@ -19,7 +19,6 @@ VLSSM_EMU_FULL=1 runs every case of check_cuda.py (372, about 13 minutes on
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
@@ -44,6 +43,9 @@ def _load(name: str, path: Path):
 
 emu_build = _load("vlssm_cuda_emu_build", HERE / "build.py")
 check_cuda = _load("vlssm_check_cuda", ROOT / "bench" / "check_cuda.py")
+if str(ROOT / "tests" / "ops") not in sys.path:  # the op tests' helpers, as tests/gpu uses them
+    sys.path.insert(0, str(ROOT / "tests" / "ops"))
+import _ops_testlib as T  # noqa: E402
 
 CPU = torch.device("cpu")
 FULL = os.environ.get("VLSSM_EMU_FULL", "") not in ("", "0")
@@ -92,16 +94,6 @@ assert ODD <= {cid for cid, _, _ in ALL}, ODD - {cid for cid, _, _ in ALL}
 CASES = [c for c in ALL if FULL or c[0] in QUICK or c[0] in ODD]
 
 
-@contextlib.contextmanager
-def _deterministic(on: bool = True):
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-
-
 @pytest.mark.parametrize("cid,fn,args", CASES, ids=[c[0] for c in CASES])
 def test_cuda_kernel_matches_cpu(emu, cid, fn, args, capsys):
     failures = []
@@ -117,7 +109,7 @@ DET_CASES = [c for c in ALL if FULL or c[0] in ODD]
 @pytest.mark.parametrize("cid,fn,args", DET_CASES, ids=[c[0] for c in DET_CASES])
 def test_cuda_kernel_matches_cpu_deterministic_mode(emu, cid, fn, args, capsys):
     failures = []
-    with _deterministic():
+    with T.deterministic_algorithms():
         fn(emu, CPU, failures, *args)
     assert not failures, capsys.readouterr().out + "\n".join(failures)
 
@@ -163,7 +155,7 @@ def test_backward_repeatable_under_deterministic_algorithms(emu, i):
     name, fwd, bwd = _backward_calls(emu)[i]
     _, _, cpu_bwd = _backward_calls(torch.ops.vlssm)[i]
     atomic = bwd()
-    with _deterministic(), warnings.catch_warnings():
+    with T.deterministic_algorithms(), warnings.catch_warnings():
         warnings.simplefilter("error")
         fwd()
         first, second = bwd(), bwd()
@@ -179,17 +171,13 @@ def test_backward_with_large_dstate_alerts_under_deterministic_algorithms(emu, i
     """N > 16 has no deterministic CUDA backward (its partials would be 4-8x larger): it raises under
     torch.use_deterministic_algorithms(True) and warns with warn_only, as ATen's atomic kernels do."""
     name, fwd, bwd = _backward_calls(emu, N=17)[i]
-    with _deterministic():
+    with T.deterministic_algorithms():
         fwd()
         with pytest.raises(RuntimeError, match=f"vlssm::{name}_backward on CUDA with dstate N > 16.*does not have"):
             bwd()
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with T.deterministic_algorithms(warn_only=True):
         with pytest.warns(UserWarning, match=f"vlssm::{name}_backward on CUDA with dstate N > 16"):
             bwd()
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
 # -- the emulator itself ------------------------------------------------------

@@ -233,12 +233,8 @@ def test_backward_under_deterministic_algorithms(backend, seed):
     inp = cuda(T.fork_inputs(seed, b, p, s, E, N))
     cinp = cuda(T.conv_inputs(seed, b, p, s, E, K))
     default = _fork_and_conv_grads(backend, inp, cinp, p)
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with T.deterministic_algorithms():
         first, second = (_fork_and_conv_grads(backend, inp, cinp, p) for _ in range(2))
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
     for k in first:
         assert torch.equal(first[k], second[k]), f"d{k} differs between two identical backward runs"
         T.assert_rel(f"d{k} deterministic vs default", first[k], default[k], 1e-5)

@@ -14,6 +14,7 @@ Contents:
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import zlib
 from typing import Dict, Iterable, Optional, Sequence
@@ -25,6 +26,18 @@ import torch.nn.functional as F
 from vlssm import _backend
 
 HAS_EXT = _backend.load_extension() is not None
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only: bool = False):
+    """torch.use_deterministic_algorithms(True, warn_only=warn_only) inside the block, the caller's
+    setting (both flags) after it."""
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 EXT_SKIP_REASON = f"compiled extension vlssm._C is not importable: {_backend.extension_error()}"
 requires_ext = pytest.mark.skipif(not HAS_EXT, reason=EXT_SKIP_REASON)
 

@@ -52,10 +52,8 @@ def restore_threads():
 def deterministic_algorithms():
     """torch.use_deterministic_algorithms(True) for the test: an op that alerts (a nondeterministic
     kernel somewhere in its forward or backward) raises."""
-    prev, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(prev, warn_only=warn_only)
+    with T.deterministic_algorithms():
+        yield
 
 
 @pytest.fixture
