@@ -6,7 +6,12 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
 
 namespace {
 
@@ -104,6 +109,46 @@ void shfl_after_exit() {
   shfl_after_exit_kernel<<<1, 32>>>(out);
 }
 
+// Not an emulator check: test plumbing that sees the C++ warnings (TORCH_WARN,
+// alertNotDeterministic under warn_only) that torch leaves in C++. torch <= 2.14
+// installs no Python warning handler around a torch.ops.* call, so a warning
+// raised inside one goes to c10's global handler (printed to stderr) instead of
+// becoming a Python warning as it does from 2.15 on (and through autograd's
+// backward on every version). While capturing, the global handler collects them.
+class Collector : public c10::WarningHandler {
+ public:
+  void process(const c10::Warning& w) override {
+    std::lock_guard<std::mutex> lk(m_);
+    msgs_.push_back(w.msg());
+  }
+  std::vector<std::string> take() {
+    std::lock_guard<std::mutex> lk(m_);
+    return std::move(msgs_);
+  }
+
+ private:
+  std::mutex m_;
+  std::vector<std::string> msgs_;
+};
+
+Collector g_collector;
+
+// on: make the collector this thread's warning handler; off: back to c10's
+// default handler, returning what was collected since (in order). Call both
+// from the thread that raises the warnings (handlers are thread-local). From
+// 2.15 on torch's own Python handler wraps every torch.ops call (this one too)
+// and restores its predecessor afterwards, so nothing reaches the collector
+// there: those warnings arrive as Python warnings instead.
+std::vector<std::string> capture_cpp_warnings(bool on) {
+  if (on) {
+    g_collector.take();
+    c10::WarningUtils::set_warning_handler(&g_collector);
+    return {};
+  }
+  c10::WarningUtils::set_warning_handler(nullptr);  // nullptr: the default handler
+  return g_collector.take();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlssm_cuda_emu_selftest, m) {
@@ -113,4 +158,5 @@ TORCH_LIBRARY_FRAGMENT(vlssm_cuda_emu_selftest, m) {
   m.def("dyn_smem", &dyn_smem);
   m.def("deadlock", &deadlock);
   m.def("shfl_after_exit", &shfl_after_exit);
+  m.def("capture_cpp_warnings", &capture_cpp_warnings);
 }

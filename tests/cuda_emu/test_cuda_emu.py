@@ -19,6 +19,7 @@ VLSSM_EMU_FULL=1 runs every case of check_cuda.py (372, about 13 minutes on
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -166,18 +167,48 @@ def test_backward_repeatable_under_deterministic_algorithms(emu, i):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=f"{name} output {k}: deterministic vs CPU")
 
 
+@contextlib.contextmanager
+def _warnings(selftest):
+    """The messages of the UserWarnings raised inside, on every torch version: Python warnings, and the
+    C++ warnings torch <= 2.14 leaves in C++ when they are raised inside a direct torch.ops call (2.15
+    turns those into Python warnings; autograd's backward does on every version)."""
+    got = []
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        selftest.capture_cpp_warnings(True)
+        try:
+            yield got
+        finally:
+            got += selftest.capture_cpp_warnings(False)
+    got += [str(w.message) for w in rec if issubclass(w.category, UserWarning)]
+
+
 @pytest.mark.parametrize("i", range(2), ids=["selective_scan", "fork_scan"])
-def test_backward_with_large_dstate_alerts_under_deterministic_algorithms(emu, i):
+def test_backward_with_large_dstate_alerts_under_deterministic_algorithms(emu, selftest, i):
     """N > 16 has no deterministic CUDA backward (its partials would be 4-8x larger): it raises under
-    torch.use_deterministic_algorithms(True) and warns with warn_only, as ATen's atomic kernels do."""
+    torch.use_deterministic_algorithms(True) and warns once per call with warn_only, as ATen's atomic
+    kernels do; without deterministic algorithms it says nothing."""
     name, fwd, bwd = _backward_calls(emu, N=17)[i]
+    alert = f"vlssm::{name}_backward on CUDA with dstate N > 16"
     with T.deterministic_algorithms():
         fwd()
-        with pytest.raises(RuntimeError, match=f"vlssm::{name}_backward on CUDA with dstate N > 16.*does not have"):
+        with pytest.raises(RuntimeError, match=f"{alert}.*does not have"):
             bwd()
-    with T.deterministic_algorithms(warn_only=True):
-        with pytest.warns(UserWarning, match=f"vlssm::{name}_backward on CUDA with dstate N > 16"):
-            bwd()
+    with T.deterministic_algorithms(warn_only=True), _warnings(selftest) as got:
+        bwd()
+    assert [m for m in got if alert in m and "warn_only=True" in m] == got and len(got) == 1, got
+    with _warnings(selftest) as got:
+        bwd()
+    assert got == []
+
+
+def test_cpp_warning_capture_sees_a_warning_torch_leaves_in_cpp(selftest):
+    """The capture above, on a warning raised inside a direct torch.ops call (aten's resize of an out=
+    tensor): one message, whichever channel this torch version uses."""
+    a = torch.ones(3)
+    with _warnings(selftest) as got:
+        torch.ops.aten.add.out(a, a, out=torch.empty(5))
+    assert len(got) == 1 and "An output with one or more elements was resized" in got[0], got
 
 
 # -- the emulator itself ------------------------------------------------------
@@ -240,14 +271,25 @@ def test_planted_bug_fails_the_comparison(mutant):
 
 # -- out-of-bounds accesses ---------------------------------------------------
 
-def _libasan():
+def _compiler_lib(name: str):
+    """The real path of the shared library `name` of the C++ compiler's runtime, or None."""
     for cc in ("c++", "g++"):
         if shutil.which(cc):
-            r = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True)
+            r = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True)
             path = r.stdout.strip()
             if r.returncode == 0 and os.path.isabs(path) and os.path.exists(path):
                 return os.path.realpath(path)
     return None
+
+
+def _asan_preload():
+    """LD_PRELOAD for the ASan child: libasan first (it must be the first library loaded), then the C++
+    runtime. python itself does not link libstdc++, so ASan's __cxa_throw interceptor can find no real
+    __cxa_throw behind it, and the first C++ exception aborts the process ('CHECK failed:
+    asan_interceptors.cpp ... real___cxa_throw'). triton 3.8 (torch 2.14.1's) throws and catches one
+    while importing (libtriton's AMD module init), so the child died before running a case."""
+    libs = [_compiler_lib("libasan.so"), _compiler_lib("libstdc++.so")]
+    return None if None in libs else " ".join(libs)
 
 
 # Runs with libasan preloaded (an ASan-built library cannot load otherwise),
@@ -262,7 +304,7 @@ lib = build.build(mutant={mutant!r})
 emu = getattr(torch.ops, Path(lib).stem)
 failures = []
 for det in (False, True):  # the backward's atomic and deterministic (partials) paths
-    # warn_only: N > 16 then warns instead of raising (a C++ throw aborts under the preloaded ASan)
+    # warn_only: N > 16 (no deterministic path) warns instead of raising, so its cases run in both modes
     torch.use_deterministic_algorithms(det, warn_only=True)
     for cid, fn, args in check_cuda.cases():
         if cid in {ids!r}:
@@ -280,15 +322,15 @@ def test_no_out_of_bounds_access_under_asan(mutant, tmp_path):
     """The quick float32 / bfloat16 cases and the odd sizes in an AddressSanitizer build, with every
     allocation NaN-filled (so an unwritten output or partial-sum slot fails the comparison), in the
     default and the deterministic mode; a planted one-element shared-memory overflow must be reported."""
-    libasan = _libasan()
-    if libasan is None:
-        pytest.skip("libasan not found")
+    preload = _asan_preload()
+    if preload is None:
+        pytest.skip("libasan or libstdc++ not found")
     script = tmp_path / "asan_cases.py"
     ids = sorted(ODD | {cid for cid in QUICK if "float32" in cid or "bfloat16" in cid})
     script.write_text(ASAN_SCRIPT.format(bench=str(ROOT / "bench"), here=str(HERE), mutant=mutant, ids=ids))
     # malloc_fill_byte: every allocation starts as 0xff bytes (NaN), so an output element no thread writes
     # fails check_cuda's isfinite check
-    env = dict(os.environ, VLSSM_EMU_ASAN="1", LD_PRELOAD=libasan,
+    env = dict(os.environ, VLSSM_EMU_ASAN="1", LD_PRELOAD=preload,
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:malloc_fill_byte=255:max_malloc_fill_size=1073741824")
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1800)
     if mutant:

@@ -194,27 +194,33 @@ inline int sm_count() {
   return s ? std::atoi(s) : 1;
 }
 
+// A launch the hardware would refuse. On a GPU that is a CUDA error, which
+// torch raises as RuntimeError; std::runtime_error is RuntimeError on every
+// torch version (std::invalid_argument became ValueError on some versions and
+// RuntimeError on others, depending on which layer translated it).
+[[noreturn]] inline void refuse(const std::string& what) { throw std::runtime_error(what); }
+
 template <typename K, typename... Args>
 void run_grid(K kernel, dim3 grid, dim3 block, size_t smem, const Args&... args) {
   const long nthreads = long(block.x) * block.y * block.z;
   if (nthreads < 1 || nthreads > 1024 || block.z > 64)
-    throw std::invalid_argument("launch: invalid block (" + std::to_string(block.x) + ", " + std::to_string(block.y) +
+    ::emu::refuse("launch: invalid block (" + std::to_string(block.x) + ", " + std::to_string(block.y) +
                                 ", " + std::to_string(block.z) + ")");
   if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535)
-    throw std::invalid_argument("launch: invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
+    ::emu::refuse("launch: invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
                                 ", " + std::to_string(grid.z) + ")");
   {
     std::lock_guard<std::mutex> lk(g_attr_m);
     const auto it = g_max_dyn_smem.find(reinterpret_cast<const void*>(kernel));
     const size_t cap = it == g_max_dyn_smem.end() ? 48 * 1024 : size_t(it->second);
     if (smem > cap)
-      throw std::invalid_argument("launch: " + std::to_string(smem) +
+      ::emu::refuse("launch: " + std::to_string(smem) +
                                   " B of dynamic shared memory, the kernel allows " +
                                   std::to_string(cap) + " B (cudaFuncSetAttribute)");
-    if (smem > 227 * 1024) throw std::invalid_argument("launch: dynamic shared memory over 227 KB");
+    if (smem > 227 * 1024) ::emu::refuse("launch: dynamic shared memory over 227 KB");
   }
   const long nblocks = long(grid.x) * grid.y * grid.z;
-  if (nblocks > 4096) throw std::invalid_argument("launch: over 4096 blocks, too many to emulate");
+  if (nblocks > 4096) ::emu::refuse("launch: over 4096 blocks, too many to emulate");
   g_gridDim = grid;
   g_blockDim = block;
   // One OS thread per thread of a block, walking the blocks in order; each
@@ -340,7 +346,7 @@ cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) {
     throw std::runtime_error("cudaFuncSetAttribute: not emulated");
   }
-  if (value > 227 * 1024) throw std::invalid_argument("cudaFuncSetAttribute: over 227 KB of shared memory");
+  if (value > 227 * 1024) ::emu::refuse("cudaFuncSetAttribute: over 227 KB of shared memory");
   std::lock_guard<std::mutex> lk(::emu::g_attr_m);
   ::emu::g_max_dyn_smem[reinterpret_cast<const void*>(kernel)] = value;
   return cudaSuccess;
