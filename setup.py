@@ -76,7 +76,7 @@ def build_ext_cls():
 
 
 setup(
-    packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.profile", "vlssm.kernels"],
+    packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.models", "vlssm.profile", "vlssm.kernels"],
     package_dir={"vlssm.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_cls()},

@@ -3,8 +3,9 @@ multi-label recognition.
 
 ``import vlssm`` is cheap: it never probes the GPU or loads/compiles the
 extension. The modules (:class:`MambaBlock`, :class:`QMVL`, :class:`Mamba`, :class:`PDLR`)
-are imported on first attribute access; :class:`PDLR` needs the optional
-open_clip (``pip install open_clip_torch``).
+and the subpackages ``vlssm.models``, ``vlssm.losses`` and ``vlssm.metrics`` are
+imported on first attribute access; :class:`PDLR` and the models need the
+optional open_clip (``pip install open_clip_torch``).
 """
 from __future__ import annotations
 
@@ -21,10 +22,17 @@ _LAZY = {
     "IFM": "vlssm.modules",
 }
 
-__all__ = ["__version__", *_LAZY]
+#: subpackages loaded on first access (``vlssm.models`` fills the model registry)
+_SUBMODULES = ("models", "losses", "metrics")
+
+__all__ = ["__version__", *_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"vlssm.{name}")
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vlssm' has no attribute {name!r}")
@@ -34,4 +42,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

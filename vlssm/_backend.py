@@ -139,6 +139,9 @@ def load_kernels():
                 _state["kernels_error"] = f"{type(e).__name__}: {e}"
             else:
                 _state["kernels"] = module
+                # Whether the interpreter can run them, found out here (outside any torch.compile
+                # trace): _usable only reads the answer.
+                _state["interpreter_problem"] = module._op.interpreter_problem() if triton_interpreting() else None
     return _state["kernels"]
 
 
@@ -171,8 +174,11 @@ def _usable(name: str, device: torch.device) -> Optional[str]:
             return "backend='triton' needs the triton package"
         if load_kernels() is None:
             return f"backend='triton': the Triton kernels vlssm.kernels failed to import: {kernels_error()}"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+        if device.type == "cuda":
             return None
+        if device.type == "cpu" and triton_interpreting():
+            problem = _state.get("interpreter_problem")
+            return None if problem is None else f"backend='triton' on CPU (TRITON_INTERPRET=1): {problem}"
         return f"backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); the tensors are on {device}"
     return f"backend={name!r} is not built"
 

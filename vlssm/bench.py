@@ -63,6 +63,7 @@ PROVIDERS: Dict[str, Dict[str, Any]] = {
 }
 
 DTYPES = ("float32", "bfloat16", "float64")
+MODEL_ROWS = ("infer-mvlr", "infer-baseline", "train-default", "train-reference", "text-truncated", "text-full")
 
 #: max relative difference between providers' outputs above which the run fails.
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2}
@@ -155,8 +156,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the benchmark's options to ``p`` (shared by ``vlssm bench`` and the scripts)."""
     from .bench_gpu import GPU_PROVIDERS
 
-    p.add_argument("--workload", choices=("all", "qmvl", "ifm"), default="all",
-                   help="what to benchmark: the QMVL layer, the IFM sweep, or both (default all)")
+    p.add_argument("--workload", choices=("all", "qmvl", "ifm", "models"), default="all",
+                   help="what to benchmark: the QMVL layer, the IFM sweep, both (all, the default), or MVLR "
+                        "whole-model costs (models: RN101 at 448, a few minutes; not part of all)")
     g = p.add_argument_group("shape")
     g.add_argument("--batch", type=_positive_int, default=None,
                    help="images per batch B (default 4 on cpu, 32 on cuda)")
@@ -180,6 +182,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     gp.add_argument("--gpu-c", type=_int_list, default=[20, 80], help="label counts C (default 20,80)")
     gp.add_argument("--gpu-dtypes", type=_dtype_list, default=["float32", "bfloat16"],
                     help="comma list of dtypes (default float32,bfloat16)")
+    gm = p.add_argument_group("whole model (--workload models; see vlssm.bench_models)")
+    gm.add_argument("--model-backbone", default="RN101", help="open_clip backbone (default RN101)")
+    gm.add_argument("--model-image-size", type=_positive_int, default=448, help="image side S (default 448)")
+    gm.add_argument("--model-c", type=_positive_int, default=80, help="classes C (default 80: MS-COCO's names)")
+    gm.add_argument("--model-infer-batch", type=_positive_int, default=1, help="inference batch (default 1)")
+    gm.add_argument("--model-train-batch", type=_positive_int, default=1, help="training-step batch (default 1)")
+    gm.add_argument("--model-train-reps", type=_positive_int, default=2,
+                    help="timed training steps per row (default 2; the reference row takes ~20 s a step)")
+    gm.add_argument("--model-rows", type=lambda s: _choice_list(s, MODEL_ROWS), default=list(MODEL_ROWS),
+                    help=f"comma list of {','.join(MODEL_ROWS)} (default all)")
     r = p.add_argument_group("timing")
     r.add_argument("--providers", type=_provider_list, default=list(PROVIDERS),
                    help="comma list of fused,unfused,reference (default all three)")
@@ -444,23 +456,44 @@ def _bench_provider(cfg: Dict[str, Any], provider: str) -> Dict[str, Any]:
     return res
 
 
+def _bench_fn(workload: str):
+    """The in-process benchmark of one provider / row of ``workload``: ``fn(cfg) -> result dict``."""
+    if workload == "ifm":
+        from .bench_ifm import bench_provider
+
+        return bench_provider
+    if workload == "models":
+        from .bench_models import bench_provider
+
+        return bench_provider
+    return lambda cfg: _bench_provider(cfg, cfg["provider"])
+
+
 def _worker_entry() -> None:
     """Subprocess entry: ``argv[1]`` = JSON config, ``argv[2]`` = result file."""
     cfg = json.loads(sys.argv[1])
     out = sys.argv[2]
     provider = cfg["provider"]
     try:
-        if cfg.get("workload") == "ifm":
-            from .bench_ifm import bench_provider
-
-            res = bench_provider(cfg)
-        else:
-            res = _bench_provider(cfg, provider)
+        res = _bench_fn(cfg.get("workload", "qmvl"))(cfg)
     except Exception as e:
         traceback.print_exc()
         res = {"provider": provider, "error": f"{type(e).__name__}: {e}"}
     with open(out, "w") as f:
         json.dump(res, f)
+
+
+def _bench_in_subprocess_or_here(cfg: Dict[str, Any], provider: str) -> Dict[str, Any]:
+    """One provider's results: in a fresh subprocess (for its peak memory) when ``cfg['memory']``,
+    else in this process; a failure becomes ``{"provider", "error"}`` either way."""
+    cfg = dict(cfg, provider=provider)
+    if cfg["memory"]:
+        return _run_in_subprocess(cfg, provider)
+    try:
+        return _bench_fn(cfg.get("workload", "qmvl"))(cfg)
+    except Exception as e:
+        traceback.print_exc()
+        return {"provider": provider, "error": f"{type(e).__name__}: {e}"}
 
 
 def _run_in_subprocess(cfg: Dict[str, Any], provider: str) -> Dict[str, Any]:
@@ -606,13 +639,15 @@ def run(args: argparse.Namespace) -> int:
         from .bench_ifm import run as run_ifm
 
         rc = max(rc, run_ifm(args))
+    if args.workload == "models":
+        from .bench_models import run as run_models
+
+        rc = max(rc, run_models(args))
     return rc
 
 
 def _run_qmvl(args: argparse.Namespace) -> int:
     """The QMVL benchmark; returns the exit code."""
-    import torch
-
     from vlssm.profile.flops import qmvl_flops
 
     t0 = time.time()
@@ -643,14 +678,7 @@ def _run_qmvl(args: argparse.Namespace) -> int:
 
     results: List[Dict[str, Any]] = []
     for p in providers:
-        if args.memory:
-            res = _run_in_subprocess(cfg, p)
-        else:
-            try:
-                res = _bench_provider(cfg, p)
-            except Exception as e:
-                traceback.print_exc()
-                res = {"provider": p, "error": f"{type(e).__name__}: {e}"}
+        res = _bench_in_subprocess_or_here(cfg, p)
         if res.get("error"):
             _log(t0, f"{p:<9} FAILED: {res['error']}")
         results.append(res)

@@ -10,6 +10,7 @@ PDLRs of a config share its text encoder (PDLR freezes it in place).
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -155,6 +156,81 @@ def test_random_context_init(rn50):
     assert p2()[1].shape == (len(CLASSNAMES), OUT_DIM["RN50"])
     p4 = PDLR(CLASSNAMES, "RN50", ctx_init=None, clip_model=rn50)
     assert p4.ctx_init_phrase is None and 0.015 < p4.ctx.detach().std().item() < 0.025
+
+
+# --------------------------------------------------------------------------
+# Truncation after the last EOS, and the eval-mode cache of T^soft
+
+LONG_NAMES = ["cat", "dining_table", "a very long and rather wordy class name for a thing", "hair drier dryer"]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_truncated_soft_encoding_equals_full_length(rn50, dtype, rtol):
+    """The causal text transformer gives the same EOS features from the prompts cut after the longest
+    EOS (names of 1 to 12 tokens) as from all 77 positions, values and gradients."""
+    pdlr = PDLR(LONG_NAMES, "RN50", clip_model=rn50)
+    if dtype != torch.float32:
+        pdlr = copy.deepcopy(pdlr).to(dtype)  # the text parts only: rn50 stays float32
+    ids = pdlr.soft_tokens.argmax(-1)
+    assert pdlr.soft_length == int(ids.max()) + 1 < pdlr.text_encoder.context_length
+    assert len(set(ids.tolist())) == len(LONG_NAMES)  # different EOS positions
+    with torch.no_grad():
+        pdlr.ctx.normal_(std=0.5)  # away from the init, so the context matters
+    grads, outs = [], []
+    for truncate in (True, False):
+        pdlr.truncate = truncate
+        pdlr.ctx.grad = None
+        t = pdlr()[1]
+        assert t.shape == (len(LONG_NAMES), 1024) and t.dtype == dtype
+        (t * torch.linspace(-1, 1, t.numel(), dtype=dtype).view_as(t)).sum().backward()
+        outs.append(t.detach())
+        grads.append(pdlr.ctx.grad.clone())
+    scale = outs[1].abs().max()
+    assert (outs[0] - outs[1]).abs().max() <= rtol * scale, (outs[0] - outs[1]).abs().max() / scale
+    gscale = grads[1].abs().max()
+    assert gscale > 0 and (grads[0] - grads[1]).abs().max() <= 10 * rtol * gscale
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_soft_features_cached_in_eval_until_an_input_changes(rn50):
+    pdlr = PDLR(CLASSNAMES, "RN50", clip_model=rn50)
+    calls = _count_calls(pdlr.text_encoder)
+    pdlr.train()
+    pdlr(), pdlr()
+    assert len(calls) == 2  # training: once per call, never cached
+    pdlr.eval()
+    with torch.no_grad():
+        first = pdlr()[1]
+        again = pdlr()[1]
+    assert len(calls) == 3 and again is first  # the second eval call ran no encoder
+    saved = pdlr.ctx.detach().clone()
+    with torch.no_grad():
+        pdlr.ctx.add_(0.1)  # an in-place change invalidates
+        changed = pdlr()[1]
+    assert len(calls) == 4 and not torch.allclose(changed, first)
+    pdlr.load_state_dict({**pdlr.state_dict(), "ctx": saved})  # as loading a checkpoint does
+    with torch.no_grad():
+        restored = pdlr()[1]
+    assert len(calls) == 5
+    torch.testing.assert_close(restored, first, rtol=0, atol=0)
+    with torch.no_grad():  # an encoder weight changed in place
+        pdlr.text_encoder.ln_final.weight.mul_(1.5)
+        pdlr()
+        pdlr.text_encoder.ln_final.weight.div_(1.5)
+    assert len(calls) == 6
+    t = pdlr()[1]  # eval with autograd on and a trainable ctx: not cached, differentiable
+    assert t.requires_grad and len(calls) == 7
+    pdlr.ctx.requires_grad_(False)  # frozen context: cached even with autograd on
+    try:
+        a, b = pdlr()[1], pdlr()[1]
+        assert b is a and len(calls) == 8
+    finally:
+        pdlr.ctx.requires_grad_(True)
 
 
 # --------------------------------------------------------------------------

@@ -29,12 +29,13 @@ _SCHEMAS = ("hf-hub:", "local-dir:")
 _CHUNK = 256  # class prompts per encoder call when caching T^hard
 
 
-def _import_open_clip():
+def _import_open_clip(what: str = "vlssm.PDLR"):
+    """open_clip, or an ImportError saying that ``what`` needs it and how to install it."""
     try:
         return importlib.import_module("open_clip")
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "vlssm.PDLR needs open_clip: `pip install open_clip_torch` (or `pip install vlssm[clip]`)"
+            f"{what} needs open_clip: `pip install open_clip_torch` (or `pip install vlssm[clip]`)"
         ) from e
 
 
@@ -89,14 +90,24 @@ class _TextEncoder(nn.Module):
         """open_clip ``CLIP.encode_text(tokens, normalize=False)``, from the token embeddings ``x``.
 
         Args:
-            x: token embeddings (n, context_length, width); any of them may be learnable.
-            tokens: the token ids (n, context_length) that locate the pooled (EOS) position.
+            x: token embeddings (n, T, width) with T <= context_length; any of them may be learnable.
+            tokens: the token ids (n, T) that locate the pooled (EOS) position.
         Returns:
             (n, d) text features.
+
+        A prefix of T < context_length tokens gives the same features as the
+        full sequence whenever every EOS lies inside it (the transformer is
+        causal: no position attends to a later one, and ln_final is per token),
+        at a fraction of the cost; :func:`eos_length` is the shortest such T.
         """
+        T = x.shape[1]
+        if T > self.context_length or tokens.shape[1] != T:
+            raise ValueError(f"x (n, T, width) and tokens (n, T) must share T <= {self.context_length}, "
+                             f"got {tuple(x.shape)} and {tuple(tokens.shape)}")
         cast_dtype = self.transformer.get_cast_dtype()
-        x = x.to(cast_dtype) + self.positional_embedding.to(cast_dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = x.to(cast_dtype) + self.positional_embedding[:T].to(cast_dtype)
+        mask = self.attn_mask
+        x = self.transformer(x, attn_mask=None if mask is None else mask[:T, :T])
         x = self.ln_final(x)
         rows = torch.arange(x.shape[0], device=x.device)
         if self.pool_type == "argmax":  # EOS has the largest id in CLIP's vocabulary
@@ -112,10 +123,26 @@ class _TextEncoder(nn.Module):
             x = p(x) if isinstance(p, nn.Linear) else x @ p
         return x
 
+    def eos_length(self, tokens: torch.Tensor) -> int:
+        """The shortest prefix length of token ids (n, context_length) holding every row's pooled
+        position: the last EOS + 1 (argmax / eos pooling), 1 ("first"), the full length ("last" pooling, or
+        an encoder without a causal mask)."""
+        if self.attn_mask is None or self.pool_type == "last":  # not causal, or pooled at the end
+            return tokens.shape[1]
+        if self.pool_type == "first":
+            return 1
+        pos = tokens.argmax(dim=-1) if self.pool_type == "argmax" else (tokens == self.eos_id).int().argmax(dim=-1)
+        return int(pos.max()) + 1
+
     @torch.no_grad()
     def encode(self, tokens: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
-        """Features (n, d) of token ids (n, context_length), without autograd, in chunks."""
-        return torch.cat([self(self.embed(t), t) for t in tokens.split(chunk)], 0)
+        """Features (n, d) of token ids (n, context_length), without autograd, in chunks, each
+        truncated after its last EOS (the same features: see :meth:`forward`)."""
+        out = []
+        for t in tokens.split(chunk):
+            t = t[:, :self.eos_length(t)]
+            out.append(self(self.embed(t), t))
+        return torch.cat(out, 0)
 
 
 def _text_source(clip_model: nn.Module) -> nn.Module:
@@ -235,6 +262,11 @@ class PDLR(nn.Module):
         if not bool((soft_tokens[:, 1:1 + self.n_ctx] == x_id).all()):  # pragma: no cover - tokenizer-specific
             raise ValueError(f"PDLR: the {model_name!r} tokenizer does not give one token per context placeholder")
         self.register_buffer("soft_tokens", soft_tokens, persistent=False)
+        #: run the soft prompts through the first ``soft_length`` positions only (the last EOS + 1: the
+        #: same features, see _TextEncoder.forward); False runs all context_length positions
+        self.truncate = True
+        self.soft_length = encoder.eos_length(soft_tokens)
+        self._soft_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self.register_buffer("hard_tokens", hard_tokens, persistent=False)
 
         # Context vectors.
@@ -335,12 +367,39 @@ class PDLR(nn.Module):
         return self.t_hard
 
     def soft_embeddings(self) -> torch.Tensor:
-        """Soft-prompt token embeddings (C, context_length, w): the context after SOS."""
+        """Soft-prompt token embeddings (C, T, w): the context after SOS; T = ``soft_length`` with
+        ``truncate`` (default), else the context length."""
+        tokens = self._soft_tokens()
         with torch.no_grad():
-            emb = self.text_encoder.embed(self.soft_tokens)
+            emb = self.text_encoder.embed(tokens)
         C, L = emb.shape[0], self.n_ctx
         ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(C, -1, -1)
         return torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + L:]], dim=1)
+
+    def _soft_tokens(self) -> torch.Tensor:
+        return self.soft_tokens[:, :self.soft_length] if self.truncate else self.soft_tokens
+
+    def _soft_key(self) -> tuple:
+        """What ``t_soft`` depends on: the context and every encoder tensor (identity, in-place
+        version, storage), and the truncation (rounding differs)."""
+        tensors = (self.ctx, *self.text_encoder.parameters(), *self.text_encoder.buffers())
+        return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (self.truncate,)
+
+    def soft(self) -> torch.Tensor:
+        """T^soft (C, d), from the text encoder once per call in training; cached in eval mode while no
+        gradient can reach ``ctx`` (``torch.no_grad()`` or a frozen ``ctx``) until the context or an
+        encoder weight changes (in place or replaced), so inference does not run the text encoder."""
+        cacheable = not self.training and not (torch.is_grad_enabled() and self.ctx.requires_grad)
+        if cacheable:
+            key = self._soft_key()
+            if self._soft_cache is not None and self._soft_cache[0] == key:
+                return self._soft_cache[1]
+        tokens = self._soft_tokens()
+        t_soft = self.text_encoder(self.soft_embeddings(), tokens)
+        if cacheable:  # no gradient can reach ctx: nothing is lost by detaching
+            t_soft = t_soft.detach()
+        self._soft_cache = (key, t_soft) if cacheable else None
+        return t_soft
 
     def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Label embeddings.
@@ -348,7 +407,6 @@ class PDLR(nn.Module):
         Returns:
             ``(t_hard, t_soft)``, each (C, d): the cached hard-prompt features
             (no autograd history) and the soft-prompt features (differentiable
-            with respect to ``ctx``).
+            with respect to ``ctx``; cached in eval mode, see :meth:`soft`).
         """
-        t_soft = self.text_encoder(self.soft_embeddings(), self.soft_tokens)
-        return self.t_hard, t_soft
+        return self.t_hard, self.soft()
