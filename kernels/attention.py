@@ -50,7 +50,7 @@ def _scores(q_base, k_base, offs_m, offs_n, mask_m, mask_n, D, sqm, sqd, skn, sk
         if UPCAST:
             qb = qb.to(acc_ty)
             kb = kb.to(acc_ty)
-        s = tl.dot(qb, kb, s, input_precision="ieee")
+        s = tl.dot(qb, kb, s, input_precision="ieee", out_dtype=acc_ty)
     return s
 
 
@@ -118,9 +118,9 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, p_ptr, Lq, Lk, D, DV, scale,
         vb = tl.load(v_base + offs_n[:, None] * svn + offs_v[None, :] * svd,
                      mask=mask_n[:, None] & mask_v[None, :], other=0.0)
         if UPCAST:
-            acc = tl.dot(p, vb.to(acc_ty), acc, input_precision="ieee")
+            acc = tl.dot(p, vb.to(acc_ty), acc, input_precision="ieee", out_dtype=acc_ty)
         else:
-            acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision="ieee")
+            acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision="ieee", out_dtype=acc_ty)
     _store_cast(out_ptr + b * sob + offs_m[:, None] * som + offs_v[None, :] * sod, acc,
                 mask_m[:, None] & mask_v[None, :], ROUND_BF16)
 

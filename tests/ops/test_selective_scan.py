@@ -103,7 +103,7 @@ RAW_OPS = {"cpu": ("selective_scan", "selective_scan_backward"),
 
 
 def raw_op(backend: str, backward: bool = False):
-    return getattr(torch.ops.vlssm, RAW_OPS[backend][backward])
+    return getattr(torch.ops.vlssm, RAW_OPS[backend][int(backward)])  # int: torch 2.11 dynamo: no bool index
 
 
 def _small(c: Case, steps: int = 140) -> bool:
