@@ -468,3 +468,15 @@ def test_import_without_open_clip():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]
+
+
+def test_one_output_only(rn_backbone):
+    """tokens=False / pooled=False skip that output's work and give the same other output."""
+    x = images(NATIVE, dtype=torch.float32)
+    both = rn_backbone(x)
+    only_t, only_p = rn_backbone(x, pooled=False), rn_backbone(x, tokens=False)
+    assert only_t.pooled is None and only_p.tokens is None
+    torch.testing.assert_close(only_t.tokens, both.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(only_p.pooled, both.pooled, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ask for tokens, pooled or both"):
+        rn_backbone(x, tokens=False, pooled=False)

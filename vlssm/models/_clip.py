@@ -478,32 +478,41 @@ class CLIPBackbone(nn.Module):
             raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
 
     # ------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> BackboneOutput:
+    def forward(self, images: torch.Tensor, tokens: bool = True, pooled: bool = True) -> BackboneOutput:
         """Dense tokens and pooled feature.
 
         Args:
             images: (B, 3, S, S) normalised images (``S = image_size``), any
                 floating dtype (cast to the tower's).
+            tokens, pooled: which outputs to compute; the other is None. On the
+                ResNets each costs its own projections (RN101 at 448: the dense
+                tokens' v / c projections 1.0 GMAC, the attention pool's k / v
+                projections 1.7 GMAC), so a model that reads one output skips the other.
         Returns:
             ``BackboneOutput(tokens (B, M, d), pooled (B, d))``.
         """
+        if not (tokens or pooled):
+            raise ValueError("CLIPBackbone.forward: ask for tokens, pooled or both")
         self._check_images(images)
         x = images.to(self.dtype)
         if self.kind == "resnet":
-            return self._forward_resnet(x)
-        return self._forward_vit(x)
+            return self._forward_resnet(x, tokens, pooled)
+        out = self._forward_vit(x)
+        return BackboneOutput(out.tokens if tokens else None, out.pooled if pooled else None)
 
-    def _forward_resnet(self, x: torch.Tensor) -> BackboneOutput:
+    def _forward_resnet(self, x: torch.Tensor, tokens: bool = True, pooled: bool = True) -> BackboneOutput:
         v = self.visual
         x = v.stem(x)
         x = v.layer4(v.layer3(v.layer2(v.layer1(x))))  # (B, C, S/32, S/32)
         pool = v.attnpool
-        pooled = pool(x)  # (B, d): open_clip's attention pool
+        p = pool(x) if pooled else None  # (B, d): open_clip's attention pool
+        if not tokens:
+            return BackboneOutput(None, p)
         t = x.flatten(2).transpose(1, 2)  # (B, M, C), row-major as open_clip's NCHW -> (HW)NC
         if self.dense_pos_embed:
             t = t + pool.positional_embedding[1:].to(t.dtype)
         t = pool.c_proj(pool.v_proj(t))  # (B, M, d)
-        return BackboneOutput(t, pooled)
+        return BackboneOutput(t, p)
 
     def _vit_embeds(self, x: torch.Tensor) -> torch.Tensor:
         v = self.visual

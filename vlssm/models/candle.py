@@ -396,7 +396,7 @@ class Candle(nn.Module):
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a (B, 3, S, S) tensor, got {type(images).__name__}")
         with torch.no_grad():
-            return self.backbone(images).pooled
+            return self.backbone(images, tokens=False).pooled
 
     def _features(self, images, features) -> torch.Tensor:
         if images is not None and features is not None:

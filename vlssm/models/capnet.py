@@ -523,7 +523,7 @@ class CAPNet(nn.Module):
         return f_hat
 
     def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        v = self.backbone(images).pooled                      # (B, d)
+        v = self.backbone(images, tokens=False).pooled        # (B, d)
         f_hat = self.label_features().to(v.dtype)             # (C, d)
         logits = F.normalize(v, dim=-1) @ F.normalize(f_hat, dim=-1).t()
         logits = self.logit_scale.exp().to(logits.dtype) * logits

@@ -193,7 +193,7 @@ class MVLR(_CLIPClassifier):
 
     def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
         self._check_images(images)
-        x = self.backbone(images).tokens                     # (B, M, d)
+        x = self.backbone(images, pooled=False).tokens       # (B, M, d)
         t_hard, t_soft = self.pdlr()                         # (C, d) each
         t_hard, t_soft = t_hard.to(x.dtype), t_soft.to(x.dtype)
         ifm = self.ifm(x, t_hard, t_soft)                    # labels (B, C, d), kcr_loss ()
@@ -221,7 +221,7 @@ class MVLRBaseline(_CLIPClassifier):
 
     def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
         self._check_images(images)
-        pooled = self.backbone(images).pooled                # (B, d)
+        pooled = self.backbone(images, tokens=False).pooled  # (B, d)
         logits = _cosine_logits(pooled, self.label_embeddings.to(pooled.dtype), self.logit_scale)
         if targets is None:
             return logits
