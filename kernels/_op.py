@@ -40,35 +40,30 @@ def launch(kernel):
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
-_PROBE: dict = {}
-
-
 def interpreter_problem():
-    """None when Triton's interpreter runs vlssm's kernels here, else why it cannot (checked once).
+    """None when Triton's interpreter runs vlssm's kernels here, else why it cannot. Launches a probe
+    kernel: call it once (vlssm._backend.load_kernels does, and keeps the answer).
 
     The kernels loop over runtime bounds (``for i in range(0, n, BLOCK)``). triton 3.6's interpreter
     (torch 2.11's) turns a scalar argument into a 1-element array and takes ``int()`` of it, which
     numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); later
     triton releases squeeze it first. A one-element probe kernel shows which case this is.
     """
-    if "result" not in _PROBE:
-        import triton
-        import triton.language as tl
+    import triton
+    import triton.language as tl
 
-        @triton.jit
-        def _probe(x_ptr, n):
-            for i in range(0, n, 1):
-                tl.store(x_ptr + i, i + 1)
+    @triton.jit
+    def _probe(x_ptr, n):
+        for i in range(0, n, 1):
+            tl.store(x_ptr + i, i + 1)
 
-        x = torch.zeros(2, dtype=torch.int32)
-        try:
-            _probe[(1,)](x, 2)
-            ok = x.tolist() == [1, 2]
-            _PROBE["result"] = None if ok else f"the Triton interpreter's probe kernel wrote {x.tolist()}, not [1, 2]"
-        except Exception as e:  # noqa: BLE001 - any failure is the reason
-            import numpy
+    x = torch.zeros(2, dtype=torch.int32)
+    try:
+        _probe[(1,)](x, 2)
+    except Exception as e:  # noqa: BLE001 - any failure is the reason
+        import numpy
 
-            _PROBE["result"] = (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} "
-                                f"({type(e).__name__}: {e}); triton 3.6 needs numpy < 2.4 "
-                                "(`pip install 'numpy<2.4'`), or use a newer triton")
-    return _PROBE["result"]
+        return (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} "
+                f"({type(e).__name__}: {e}); triton 3.6 needs numpy < 2.4 (`pip install 'numpy<2.4'`), "
+                "or use a newer triton")
+    return None if x.tolist() == [1, 2] else f"the Triton interpreter's probe kernel wrote {x.tolist()}, not [1, 2]"

@@ -222,7 +222,7 @@ def run(args) -> int:
             bad.append(f"C={c} M={m}: fused vs naive max rel diff {diff:.3e} > {tol:g}")
         results = {}
         for p in PROVIDERS:
-            results[p] = _b._bench_in_subprocess_or_here(dict(cfg, memory=args.memory), p)
+            results[p] = _b._bench_in_subprocess_or_here(cfg, p)
         for p, r in results.items():
             row = dict(env, m=m, c=c, heads=args.heads, provider=p, backend=r.get("backend", ""),
                        error=r.get("error", ""), max_rel_diff_vs_naive=0.0 if p == "naive" else diff,

@@ -144,10 +144,6 @@ class _CLIPClassifier(nn.Module):
     def num_classes(self) -> int:
         return len(self.classnames)
 
-    def _check_images(self, images) -> None:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a (B, 3, S, S) tensor, got {type(images).__name__}")
-
     def _output(self, logits: torch.Tensor, targets, aux_loss=None) -> ModelOutput:
         y = check_targets(targets, logits)
         cls = self.asl(logits.float(), y.float())
@@ -192,7 +188,6 @@ class MVLR(_CLIPClassifier):
                          fused=config.fused, backend=config.backend)
 
     def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        self._check_images(images)
         x = self.backbone(images, pooled=False).tokens       # (B, M, d)
         t_hard, t_soft = self.pdlr()                         # (C, d) each
         t_hard, t_soft = t_hard.to(x.dtype), t_soft.to(x.dtype)
@@ -220,7 +215,6 @@ class MVLRBaseline(_CLIPClassifier):
         del self.clip, pdlr
 
     def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        self._check_images(images)
         pooled = self.backbone(images, tokens=False).pooled  # (B, d)
         logits = _cosine_logits(pooled, self.label_embeddings.to(pooled.dtype), self.logit_scale)
         if targets is None:
