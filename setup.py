@@ -76,8 +76,10 @@ def build_ext_cls():
 
 
 setup(
-    packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.models", "vlssm.profile", "vlssm.kernels"],
+    packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.models", "vlssm.profile", "vlssm.kernels",
+              "vlssm.data"],
     package_dir={"vlssm.kernels": "kernels"},
+    package_data={"vlssm.models": ["configs/*.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_cls()},
 )

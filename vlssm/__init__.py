@@ -23,7 +23,7 @@ _LAZY = {
 }
 
 #: subpackages loaded on first access (``vlssm.models`` fills the model registry)
-_SUBMODULES = ("models", "losses", "metrics")
+_SUBMODULES = ("models", "losses", "metrics", "data")
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import resource
@@ -53,6 +52,8 @@ import traceback
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Sequence
 
+from ._argtypes import nonneg_int, positive_float, positive_int
+
 __all__ = ["PROVIDERS", "CSV_COLUMNS", "add_arguments", "build_parser", "run", "main"]
 
 #: provider name -> QMVL keyword arguments.
@@ -64,6 +65,8 @@ PROVIDERS: Dict[str, Dict[str, Any]] = {
 
 DTYPES = ("float32", "bfloat16", "float64")
 MODEL_ROWS = ("infer-mvlr", "infer-baseline", "train-default", "train-reference", "text-truncated", "text-full")
+TRAIN_ROWS = ("loader-demo", "step-demo-default", "step-demo-reference", "loader-real", "step-real-default",
+              "step-real-reference")
 
 #: max relative difference between providers' outputs above which the run fails.
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2}
@@ -83,34 +86,7 @@ CSV_COLUMNS = [
 
 # ----------------------------------------------------------------------------- options
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
+_positive_int, _nonneg_int, _positive_float = positive_int, nonneg_int, positive_float
 
 
 def _int_list(s: str) -> List[int]:
@@ -156,9 +132,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the benchmark's options to ``p`` (shared by ``vlssm bench`` and the scripts)."""
     from .bench_gpu import GPU_PROVIDERS
 
-    p.add_argument("--workload", choices=("all", "qmvl", "ifm", "models"), default="all",
-                   help="what to benchmark: the QMVL layer, the IFM sweep, both (all, the default), or MVLR "
-                        "whole-model costs (models: RN101 at 448, a few minutes; not part of all)")
+    p.add_argument("--workload", choices=("all", "qmvl", "ifm", "models", "train"), default="all",
+                   help="what to benchmark: the QMVL layer, the IFM sweep, both (all, the default), MVLR "
+                        "whole-model costs (models: RN101 at 448, a few minutes; not part of all), or training "
+                        "throughput and the data loader (train: see vlssm.bench_train; not part of all)")
     g = p.add_argument_group("shape")
     g.add_argument("--batch", type=_positive_int, default=None,
                    help="images per batch B (default 4 on cpu, 32 on cuda)")
@@ -192,6 +169,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="timed training steps per row (default 2; the reference row takes ~20 s a step)")
     gm.add_argument("--model-rows", type=lambda s: _choice_list(s, MODEL_ROWS), default=list(MODEL_ROWS),
                     help=f"comma list of {','.join(MODEL_ROWS)} (default all)")
+    gt = p.add_argument_group("training throughput (--workload train; see vlssm.bench_train)")
+    gt.add_argument("--train-backbone", default="RN101", help="backbone of the real-shape rows (default RN101)")
+    gt.add_argument("--train-image-size", type=_positive_int, default=448, help="their image side (default 448)")
+    gt.add_argument("--train-batch", type=_positive_int, default=32, help="their batch (default 32, the paper's)")
+    gt.add_argument("--train-reps", type=_positive_int, default=2, help="timed real-shape steps (default 2)")
+    gt.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader worker processes of the loader rows (default min(4, CPUs))")
+    gt.add_argument("--loader-batches", type=_positive_int, default=8, help="timed loader batches (default 8)")
+    gt.add_argument("--train-rows", type=lambda s: _choice_list(s, TRAIN_ROWS), default=list(TRAIN_ROWS),
+                    help=f"comma list of {','.join(TRAIN_ROWS)} (default all)")
     r = p.add_argument_group("timing")
     r.add_argument("--providers", type=_provider_list, default=list(PROVIDERS),
                    help="comma list of fused,unfused,reference (default all three)")
@@ -466,6 +453,10 @@ def _bench_fn(workload: str):
         from .bench_models import bench_provider
 
         return bench_provider
+    if workload == "train":
+        from .bench_train import bench_provider
+
+        return bench_provider
     return lambda cfg: _bench_provider(cfg, cfg["provider"])
 
 
@@ -643,6 +634,10 @@ def run(args: argparse.Namespace) -> int:
         from .bench_models import run as run_models
 
         rc = max(rc, run_models(args))
+    if args.workload == "train":
+        from .bench_train import run as run_train
+
+        rc = max(rc, run_train(args))
     return rc
 
 

@@ -4,6 +4,9 @@
                               extension, threads, what backend "auto" picks
     vlssm bench [options]     QMVL fused vs unfused vs reference (see
                               ``vlssm bench --help``)
+    vlssm train MODEL [...]   train a model (demo data by default; ``vlssm train --help``)
+    vlssm eval MODEL --checkpoint PATH [...]
+                              evaluate a training checkpoint (model and EMA)
 
 Also runnable as ``python -m vlssm.cli``.
 """
@@ -41,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark QMVL: fused vs unfused vs the pure-PyTorch reference",
                        description=bench.__doc__.split("\n\n")[0] if bench.__doc__ else None)
     bench.add_arguments(b)
+    from . import train
+
+    t = sub.add_parser("train", help="train a model (MVLR, CAPNET, Candle; demo data by default)",
+                       description=train.__doc__.split("\n\n")[0])
+    train.add_train_arguments(t)
+    v = sub.add_parser("eval", help="evaluate a training checkpoint (model and EMA)",
+                       description="Evaluate a vlssm train checkpoint (model and EMA).")
+    train.add_eval_arguments(v)
     return p
 
 
@@ -56,6 +67,12 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval"):  # their own parsers: presets, --config and checkpoint defaults
+        from . import train
+
+        run = train.train if argv[0] == "train" else train.evaluate
+        return run(argv[1:], prog=f"vlssm {argv[0]}")
     args = build_parser().parse_args(argv)
     if args.command == "env":
         return _env(args)

@@ -14,6 +14,8 @@ import sys
 import os
 import copy
 
+import math
+
 import pytest
 import torch
 
@@ -77,10 +79,13 @@ def test_shapes_and_loss(name, backbone):
 @pytest.mark.parametrize("freeze", [False, True])
 def test_gradient_reaches_exactly_the_trainable_parameters(freeze):
     model = _build(freeze_backbone=freeze)
+    assert float(model.ifm_gate.detach()) == 0.0  # the gated skip starts closed: IFM's relation weight gets no gradient
+    with torch.no_grad():
+        model.ifm_gate.fill_(0.3)  # as after some training: every IFM parameter then gets gradient
     model(*_batch()).loss.backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     visual = {n for n, _ in model.named_parameters() if n.startswith("backbone.")}
-    expected = {"pdlr.ctx", "logit_scale"} | {n for n, _ in model.named_parameters()
+    expected = {"pdlr.ctx", "logit_scale", "ifm_gate"} | {n for n, _ in model.named_parameters()
                                               if n.startswith(("ifm.", "qmvl."))}
     if not freeze:  # all of the image encoder but the pooled feature's query / key (MVLR reads tokens)
         expected |= {n for n in visual if ".attnpool.q_proj." not in n and ".attnpool.k_proj." not in n}
@@ -219,3 +224,24 @@ def test_bad_targets_and_images():
         model(images, targets.tolist())
     with pytest.raises(ValueError, match="images"):
         model(images[:, :, :32])
+
+
+def test_ifm_gate_composition():
+    """T = T^soft + tanh(g) T^ifm with the gate; T = T^ifm (Eq. 10) with ifm_gate=False; same weights otherwise."""
+    images, targets = _batch()
+    gated = _build()
+    plain = _build(ifm_gate=False)
+    assert plain.ifm_gate is None and "ifm_gate" not in dict(plain.named_parameters())
+    state = {k: v for k, v in gated.state_dict().items() if k != "ifm_gate"}
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        gated.ifm_gate.fill_(0.7)
+    seen = {}
+    for name, m in (("gated", gated), ("plain", plain)):
+        m.qmvl.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[1].detach()))
+        m(images)
+    x = gated.backbone(images, pooled=False).tokens
+    t_hard, t_soft = gated.pdlr()
+    t_ifm = gated.ifm(x, t_hard, t_soft).labels
+    torch.testing.assert_close(seen["plain"], t_ifm)
+    torch.testing.assert_close(seen["gated"], t_soft + math.tanh(0.7) * t_ifm)

@@ -249,8 +249,11 @@ class Mamba(nn.Module):
         x_s, z_s = xz_s[..., :E], xz_s[..., E:]  # (B, s, E) views
         p = x_p.shape[1]
 
-        w = self.conv1d.weight[:, 0, :]  # (E, K) view
-        u = ops.fork_conv1d(x_p, x_s, w, self.conv1d.bias, backend=self.backend)  # (B, p + 2s, E)
+        # (E, K) view; in the activations' dtype, as nn.Conv1d runs under autocast (bf16 in_proj outputs
+        # with float32 weights); a no-op otherwise
+        w = self.conv1d.weight[:, 0, :].to(x_s.dtype)
+        b = None if self.conv1d.bias is None else self.conv1d.bias.to(x_s.dtype)
+        u = ops.fork_conv1d(x_p, x_s, w, b, backend=self.backend)  # (B, p + 2s, E)
         x_dbl = F.linear(u, self.x_proj.weight)  # (B, p + 2s, R + 2N)
         dt = F.linear(x_dbl[..., :R], self.dt_proj.weight)  # (B, p + 2s, E)
         Bm = x_dbl[..., R : R + N]  # (B, p + 2s, N) view

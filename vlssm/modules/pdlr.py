@@ -29,14 +29,24 @@ _SCHEMAS = ("hf-hub:", "local-dir:")
 _CHUNK = 256  # class prompts per encoder call when caching T^hard
 
 
+#: vlssm's own open_clip model configs (``vlssm/models/configs/*.json``: the random-weight demo
+#: backbones ``vlssm-demo-RN`` and ``vlssm-demo-ViT``), added to open_clip's registry on first import
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "configs")
+
+
 def _import_open_clip(what: str = "vlssm.PDLR"):
-    """open_clip, or an ImportError saying that ``what`` needs it and how to install it."""
+    """open_clip (with vlssm's demo configs registered), or an ImportError saying that ``what``
+    needs it and how to install it."""
     try:
-        return importlib.import_module("open_clip")
+        open_clip = importlib.import_module("open_clip")
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             f"{what} needs open_clip: `pip install open_clip_torch` (or `pip install vlssm[clip]`)"
         ) from e
+    if not getattr(open_clip, "_vlssm_configs", False):
+        open_clip.add_model_config(_CONFIG_DIR)
+        open_clip._vlssm_configs = True
+    return open_clip
 
 
 class _TextEncoder(nn.Module):
