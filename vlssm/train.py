@@ -565,7 +565,7 @@ def _frozen_features(model, train_ds, val_ds, args, d: _Dist, out_dir: str, prog
     from .data import cache_features
 
     key = json.dumps({"backbone": model.config.backbone, "image_size": model.config.image_size,
-                      "clip_checkpoint": model.config.clip_checkpoint, "seed": args.seed,
+                      "clip_checkpoint": model.config.clip_checkpoint,
                       "weights": float(sum(float(p.double().sum()) for p in model.backbone.parameters()))})
     feats = []
     for split, ds in (("train", train_ds), ("val", val_ds)):
@@ -620,10 +620,10 @@ def run_train(args, p: argparse.ArgumentParser) -> int:
     torch.manual_seed(args.seed)  # the initial weights
     model = _build_model(args, train_ds.classnames, _model_overrides(args, train_ds, sets), p)
     model_config = _jsonable(dataclasses.asdict(model.config))
+    model.to(d.device)
     if args.model == "candle":
         train_ds, val_ds = _frozen_features(model, train_ds, val_ds, args, d, out_dir, progress)
-        model.set_base_prototypes(train_ds.features, train_ds.labels())
-    model.to(d.device)
+        model.set_base_prototypes(train_ds.features.to(d.device), train_ds.labels().to(d.device))
     train_counts = list(train_ds.class_counts())
 
     params = [q for q in model.parameters() if q.requires_grad]
@@ -820,10 +820,10 @@ def run_eval(args, p: argparse.ArgumentParser) -> int:
         p.error(f"building {args.model} from {args.checkpoint!r}: {e}")
     model.load_state_dict(ck["model"])
     progress = d.main and not args.no_progress
+    model.to(d.device)
     if args.model == "candle":
         train_ds, val_ds = _frozen_features(model, train_ds, val_ds, args, d, os.path.dirname(
             os.path.abspath(args.checkpoint)), progress)
-    model.to(d.device)
     models: Dict[str, nn.Module] = {}
     if args.weights in ("both", "model"):
         models["model"] = model
@@ -835,7 +835,10 @@ def run_eval(args, p: argparse.ArgumentParser) -> int:
             ema = _ema(model, 0.5)
             ema.load_state_dict(ck["ema"])
             models["ema"] = ema.module
-    batch = args.eval_batch_size or max(1, int(saved.get("batch_size", 32)) // d.world)
+    # the training run's per-process batch (Candle's scores depend on the batch: its images share one
+    # attention sequence)
+    batch = args.eval_batch_size or saved.get("eval_batch_size") or max(1, int(saved["batch_size"]) // (
+        int(saved.get("world_size", 1)) * int(saved.get("accum_steps", 1))))
     res = _evaluate_models(models, val_ds, d, args, batch, list(train_ds.class_counts()), progress)
     if "model" not in models:  # EMA only: its metrics at the top level
         res = res.pop("ema")

@@ -217,6 +217,13 @@ def test_demo_candle_base_to_new(tmp_path, capsys):
     assert last["base"] >= CANDLE_DEMO_BASE, recs
     assert last["HM"] >= CANDLE_DEMO_HM, recs  # chance: base 1/5, new 1/5
     assert os.path.isfile(out / "features-train.pt")
+    # eval reuses the feature cache and the run's batch (Candle's images share one attention sequence)
+    code, text, err = run_cli(["eval", "candle", "--checkpoint", str(out / "last.pt"), "--json", "--no-progress"],
+                              capsys)
+    assert code == 0, err
+    m = json.loads(text.strip().splitlines()[-1])
+    for k in ("accuracy", "base", "new", "HM"):
+        assert m[k] == pytest.approx(last[k], abs=1e-6), k
 
 
 # the levels these demo settings reach, with a margin (measured: CAPNET mAP 0.715; Candle base

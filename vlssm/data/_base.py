@@ -136,7 +136,31 @@ def lt_counts(n_max: int, num_classes: int, imbalance: float) -> List[int]:
     return [max(1, int(n_max * imbalance ** (i / (num_classes - 1)))) for i in range(num_classes)]
 
 
-class MultiLabelDataset(Dataset):
+class LabelledData(Dataset):
+    """What every dataset here (images or cached features) answers without reading an item: its
+    ``classnames``, ``multi_label`` and targets ``_targets`` ((N, C) float32 with -1 = ignore, or (N,)
+    int64), set by the subclass."""
+
+    classnames: List[str]
+    multi_label: bool
+    _targets: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def labels(self) -> torch.Tensor:
+        """Every target, without reading an item: (N, C) float32 (multi-label) or (N,) int64."""
+        return self._targets.clone()
+
+    def class_counts(self) -> List[int]:
+        """Items per class in this split (positives only: 0 and -1 do not count); length C."""
+        if self.multi_label:
+            return [int(v) for v in (self._targets == 1).sum(0).tolist()]
+        return [int(v) for v in torch.bincount(self._targets, minlength=self.num_classes).tolist()]
+
+
+class MultiLabelDataset(LabelledData):
     """Base of every image dataset here: ``(image, target)`` items with class names in file order.
 
     Subclasses fill ``paths`` (one image file per item) and the targets through
@@ -240,23 +264,9 @@ class MultiLabelDataset(Dataset):
 
     # ----------------------------------------------------------------- labels
     @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
-    @property
     def items(self) -> List[str]:
         """One name per item: its image path (file datasets)."""
         return list(self.paths)
-
-    def labels(self) -> torch.Tensor:
-        """Every target, without reading an image: (N, C) float32 (multi-label) or (N,) int64."""
-        return self._targets.clone()
-
-    def class_counts(self) -> List[int]:
-        """Images per class in this split (positives only: 0 and -1 do not count); length C."""
-        if self.multi_label:
-            return [int(v) for v in (self._targets == 1).sum(0).tolist()]
-        return [int(v) for v in torch.bincount(self._targets, minlength=self.num_classes).tolist()]
 
     def describe(self) -> str:
         """One line: name, split, source, N, C, label kind (and skipped items)."""

@@ -13,16 +13,16 @@ import os
 from typing import Callable, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ._base import logger
+from ._base import LabelledData, logger
 
 __all__ = ["FeatureDataset", "cache_features"]
 
 _FORMAT = 1
 
 
-class FeatureDataset(Dataset):
+class FeatureDataset(LabelledData):
     """Precomputed features with their targets; items are ``(feature (d,) float32, target)``.
 
     Args:
@@ -67,23 +67,9 @@ class FeatureDataset(Dataset):
         return self.features[index], self._targets[index].clone()
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
-    @property
     def dim(self) -> int:
         """d, the feature size."""
         return int(self.features.shape[1])
-
-    def labels(self) -> torch.Tensor:
-        """(N, C) float32 or (N,) int64, as the encoded dataset's ``labels()``."""
-        return self._targets.clone()
-
-    def class_counts(self) -> List[int]:
-        """Items per class (positives only)."""
-        if self.multi_label:
-            return [int(v) for v in (self._targets == 1).sum(0).tolist()]
-        return [int(v) for v in torch.bincount(self._targets, minlength=self.num_classes).tolist()]
 
     def describe(self) -> str:
         kind = "multi-label" if self.multi_label else "single-label"
