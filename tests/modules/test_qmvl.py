@@ -100,6 +100,25 @@ def test_low_precision_within_twice_reference_error(helpers, backend, dtype):
         assert e_fused <= 2 * e_ref + 1e-3, (i, e_fused, e_ref)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_cpu_autocast_bf16(helpers, backend, fused):
+    """Under torch.autocast("cpu", bfloat16) (float32 weights, bf16 projections): the fork conv runs in
+    the activations' dtype as nn.Conv1d does; outputs and gradients within bf16 error of float32."""
+    q = _qmvl(helpers, torch.float32, seed=11)
+    g = helpers.gen(11)
+    x, t, _ = _inputs(helpers, g, 2, 7, 5, False, torch.float32)
+    q.fused, q.backend = fused, backend
+    want = q(x, t)
+    x_, t_ = x.clone().requires_grad_(), t.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = q(x_, t_)
+    (got[0].float().sum() + got[1].float().sum()).backward()
+    for i in range(2):
+        assert helpers.rel_err(got[i].float(), want[i]) < 5e-2, i
+    assert torch.isfinite(x_.grad).all() and torch.isfinite(t_.grad).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in q.parameters())
+
+
 def test_shared_labels_broadcast(helpers, backend):
     """(C, d) labels == the same labels repeated per image; t_rf is (B, C, d)."""
     q = _qmvl(helpers, torch.float64, seed=4, backend=backend)

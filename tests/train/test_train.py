@@ -364,3 +364,22 @@ def test_ema_averages_floats_and_copies_integer_buffers():
         d = min(0.9, (1 + n) / (10 + n))
         ref = d * ref + (1 - d) * step
     torch.testing.assert_close(ema.module.w, torch.full((3,), ref))
+
+
+def test_atomic_save_keeps_the_last_checkpoint_when_a_write_fails(tmp_path, monkeypatch):
+    """A write that dies half-way (here: torch.save raising after some bytes) leaves the previous file."""
+    from vlssm.train import _atomic_save
+
+    path = str(tmp_path / "last.pt")
+    _atomic_save({"epoch": 1}, path)
+
+    def dies(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
