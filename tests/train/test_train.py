@@ -383,3 +383,39 @@ def test_atomic_save_keeps_the_last_checkpoint_when_a_write_fails(tmp_path, monk
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+def test_trains_and_evaluates_a_list_file_dataset(tmp_path, capsys):
+    """Real JPEG files through the list-file reader, the training transform (RandAugment) and eval."""
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    photo = load_sample_image("china.jpg")
+    lines = []
+    for i in range(12):
+        y, x = 20 * (i % 4), 30 * (i // 4)
+        Image.fromarray(np.ascontiguousarray(photo[y:y + 200, x:x + 240])).save(tmp_path / f"{i}.jpg")
+        lines.append(f"{i}.jpg {i % 3}" + (" 2" if i % 3 == 0 else ""))
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "val.txt").write_text("\n".join(lines[:6]) + "\n")
+    (tmp_path / "names.txt").write_text("temple\nroof\nsky\n")
+    out = tmp_path / "run"
+    common = ["--data", "list", "--data-root", str(tmp_path), "--train-list", str(tmp_path / "train.txt"),
+              "--val-list", str(tmp_path / "val.txt"), "--classnames", str(tmp_path / "names.txt"),
+              "--no-progress", "--workers", "0"]
+    code, text, err = run_cli(["train", "mvlr_baseline", "--backbone", "vlssm-demo-RN", "--image-size", "64",
+                               "--epochs", "1", "--batch-size", "4", "--out", str(out), *common], capsys)
+    assert code == 0, err
+    rec = read_jsonl(out / "metrics.jsonl")[-1]
+    assert rec["step"] == 3 and 0 <= rec["mAP"] <= 1
+    code, text, err = run_cli(["eval", "mvlr_baseline", "--checkpoint", str(out / "last.pt"), "--json",
+                               "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads(text.strip().splitlines()[-1])["mAP"] == pytest.approx(rec["mAP"], abs=1e-6)
+    # a list line naming an unknown class index: exit 2, the file and line named
+    (tmp_path / "bad.txt").write_text("0.jpg 1\n1.jpg 7\n")
+    code, _, err = run_cli(["train", "mvlr_baseline", "--backbone", "vlssm-demo-RN", "--image-size", "64",
+                            "--out", str(tmp_path / "o2"), *common[:4], "--train-list", str(tmp_path / "bad.txt"), *common[6:]],
+                           capsys)
+    assert code == 2 and "bad.txt:2" in err, err
