@@ -337,9 +337,9 @@ def test_accumulation_equals_one_big_batch(tmp_path, capsys):
     assert_same_training(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"))
 
 
-def test_bf16_autocast_trains(tmp_path, capsys):
+def test_bf16_autocast_and_clipping_train(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_cli(["train", *DDP, "--out", str(out), "--amp", "bf16"], capsys)
+    code, _, err = run_cli(["train", *DDP, "--out", str(out), "--amp", "bf16", "--clip-grad", "1.0"], capsys)
     assert code == 0, err
     rec = read_jsonl(out / "metrics.jsonl")[-1]
     assert math.isfinite(rec["loss"]) and 0 <= rec["mAP"] <= 1
