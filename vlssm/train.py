@@ -337,7 +337,7 @@ def _build_model(args, classnames, overrides: Dict[str, Any], p: argparse.Argume
     try:
         return create_model(args.model, classnames, backbone=args.backbone, image_size=args.image_size,
                             pretrained=args.clip_checkpoint, **overrides)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ImportError) as e:
         p.error(f"building {args.model}: {e}")
 
 
@@ -555,6 +555,8 @@ def _datasets(args, p, image_size: int):
         return datasets_from_args(args, image_size)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
+    except ImportError as e:  # the demo needs scikit-learn, the transforms torchvision
+        p.error(f"--data {args.data}: {e} (pip install \"vlssm[train]\")")
 
 
 def _resolved_image_size(args) -> int:
@@ -821,7 +823,7 @@ def run_eval(args, p: argparse.ArgumentParser) -> int:
         p.error(str(e))
     try:
         model = create_model(args.model, list(ck["classnames"]), **cfg)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ImportError) as e:
         p.error(f"building {args.model} from {args.checkpoint!r}: {e}")
     model.load_state_dict(ck["model"])
     progress = d.main and not args.no_progress

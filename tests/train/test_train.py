@@ -419,3 +419,13 @@ def test_trains_and_evaluates_a_list_file_dataset(tmp_path, capsys):
                             "--out", str(tmp_path / "o2"), *common[:4], "--train-list", str(tmp_path / "bad.txt"), *common[6:]],
                            capsys)
     assert code == 2 and "bad.txt:2" in err, err
+
+
+def test_missing_optional_package_is_a_clear_error(tmp_path):
+    """Without scikit-learn (the demo's digits): exit 2 naming the package and the extra, no traceback."""
+    code = ("import sys; sys.modules['sklearn'] = None\n"
+            "from vlssm.cli import main\n"
+            f"sys.exit(main(['train', 'mvlr', '--out', {str(tmp_path / 'o')!r}, '--no-progress']))\n")
+    r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "sklearn" in r.stderr and "vlssm[train]" in r.stderr and "Traceback" not in r.stderr
