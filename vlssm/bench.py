@@ -541,7 +541,8 @@ def _sanity_check(cfg: Dict[str, Any], providers: Sequence[str]) -> Dict[str, fl
     return diffs
 
 
-def _env_columns(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _machine_columns(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The CSV columns every benchmark row carries: date, device, threads, versions, dtype."""
     import torch
 
     import vlssm
@@ -558,9 +559,29 @@ def _env_columns(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "triton": triton_version() or "",
         "vlssm": getattr(vlssm, "__version__", ""),
         "dtype": cfg["dtype"],
-        "batch": cfg["batch"], "m": cfg["m"], "c": cfg["c"], "d": cfg["d"], "d_state": cfg["d_state"],
-        "shared_labels": cfg["shared_labels"],
     }
+
+
+def _env_columns(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`_machine_columns` and the layer shape of the QMVL / IFM rows."""
+    return {**_machine_columns(cfg), "batch": cfg["batch"], "m": cfg["m"], "c": cfg["c"], "d": cfg["d"],
+            "d_state": cfg["d_state"], "shared_labels": cfg["shared_labels"]}
+
+
+def _write_rows_csv(out_dir: str, stem: str, results: Dict[str, Dict[str, Any]], cols: List[str],
+                    machine: Dict[str, Any], fixed: Optional[Dict[str, Any]] = None) -> str:
+    """One CSV ``out_dir/stem-<UTC stamp>.csv`` of whole-model rows (``results``: row name -> result):
+    the columns ``cols`` (``row`` first), then ``machine`` (:func:`_machine_columns`); ``fixed`` values
+    go into every row. Returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(out_dir, f"{stem}-{stamp}.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols + list(machine), extrasaction="ignore")
+        w.writeheader()
+        for row, r in results.items():
+            w.writerow({**machine, **r, **(fixed or {}), "row": row})
+    return path
 
 
 def _fmt(v, spec: str) -> str:

@@ -17,11 +17,8 @@ The defaults are the paper's: RN101 at 448 x 448, the 80 MS-COCO classes, float3
 """
 from __future__ import annotations
 
-import csv
-import os
 import sys
 import time
-from datetime import datetime, timezone
 from typing import Any, Dict, List
 
 #: MS-COCO's 80 class names in label order (category ids sorted), as the multi-label papers use them.
@@ -120,7 +117,7 @@ def _ratios(rows: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
 def run(args) -> int:
     """Run the rows of ``args.model_rows`` (each in a subprocess unless ``--no-memory``); prints the
     table and the three ratios, writes one CSV to ``args.out``; returns 1 when a row failed."""
-    from .bench import _bench_in_subprocess_or_here, _env_columns, _fmt, _log
+    from .bench import _bench_in_subprocess_or_here, _fmt, _log, _machine_columns, _write_rows_csv
 
     if args.device != "cpu":
         print("vlssm bench: error: --workload models runs on the CPU only for now", file=sys.stderr)
@@ -129,11 +126,10 @@ def run(args) -> int:
            "backbone": args.model_backbone, "image_size": args.model_image_size, "c": args.model_c,
            "infer_batch": args.model_infer_batch, "train_batch": args.model_train_batch, "reps": args.reps,
            "train_reps": args.model_train_reps, "warmup": args.warmup, "budget": args.budget,
-           "memory": args.memory, "device": "cpu", "dtype": "float32", "batch": args.model_infer_batch,
-           "m": None, "d": None, "d_state": None, "shared_labels": False}
+           "memory": args.memory, "device": "cpu", "dtype": "float32"}
     _log(cfg["t0"], f"models: {cfg['backbone']} at {cfg['image_size']}, C={cfg['c']}, rows {','.join(args.model_rows)}")
     results = {row: _bench_in_subprocess_or_here(cfg, row) for row in args.model_rows}
-    env = _env_columns(cfg)
+    env = _machine_columns(cfg)
     lines = [f"{'row':<16}{'ms':>12}{'min ms':>12}{'reps':>6}{'peak MB':>10}{'+MB':>8}  note"]
     for row, r in results.items():
         if r.get("error"):
@@ -148,17 +144,9 @@ def run(args) -> int:
     print("\n".join(lines))
     for k, v in _ratios(results).items():
         print(f"{k}: {_fmt(v, '.2f')}")
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"models-{cfg['backbone']}-{cfg['image_size']}-c{cfg['c']}-{stamp}.csv")
     cols = ["row", "ms", "min_ms", "reps", "peak_mem_mb", "peak_mem_increase_mb", "mem_kind", "text_tokens",
-            "backbone", "image_size", "infer_batch", "train_batch", "error"] + [
-        k for k in env if k not in ("batch", "m", "d", "d_state", "shared_labels")]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for row, r in results.items():
-            w.writerow({**env, **r, "row": row, "backbone": cfg["backbone"], "image_size": cfg["image_size"],
-                        "infer_batch": cfg["infer_batch"], "train_batch": cfg["train_batch"]})
+            "backbone", "image_size", "c", "infer_batch", "train_batch", "error"]
+    path = _write_rows_csv(args.out, f"models-{cfg['backbone']}-{cfg['image_size']}-c{cfg['c']}", results, cols, env,
+                           {k: cfg[k] for k in ("backbone", "image_size", "c", "infer_batch", "train_batch")})
     print(f"CSV: {path}")
     return 1 if any(r.get("error") for r in results.values()) else 0

@@ -23,12 +23,10 @@ one CSV in ``--out`` with the device and versions.
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from typing import Any, Dict
 
 
@@ -50,6 +48,7 @@ def _real_dataset(folder: str, image_size: int, n: int = 64):
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
+    from .bench_models import classnames
     from .data import ListDataset, build_transform
 
     rng = np.random.default_rng(0)
@@ -63,8 +62,7 @@ def _real_dataset(folder: str, image_size: int, n: int = 64):
         lines.append(f"{i}.jpg {i % 80} {(7 * i) % 80}")
     with open(os.path.join(folder, "train.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    names = _shape({"backbone": "", "image_size": image_size, "batch": 1}, "real")["classnames"]
-    return ListDataset(os.path.join(folder, "train.txt"), folder, names,
+    return ListDataset(os.path.join(folder, "train.txt"), folder, classnames(80),
                        transform=build_transform(image_size, train=True, augment="default"))
 
 
@@ -140,7 +138,7 @@ def _ratios(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
 def run(args) -> int:
     """Run ``args.train_rows`` (each in a subprocess unless ``--no-memory``); prints the table and
     the ratios, writes one CSV to ``args.out``; returns 1 when a row failed."""
-    from .bench import _bench_in_subprocess_or_here, _env_columns, _fmt, _log
+    from .bench import _bench_in_subprocess_or_here, _fmt, _log, _machine_columns, _write_rows_csv
 
     if args.device != "cpu":
         print("vlssm bench: error: --workload train runs on the CPU only for now", file=sys.stderr)
@@ -149,11 +147,10 @@ def run(args) -> int:
            "backbone": args.train_backbone, "image_size": args.train_image_size, "batch": args.train_batch,
            "reps": args.reps, "train_reps": args.train_reps, "warmup": args.warmup, "budget": args.budget,
            "workers": args.workers, "loader_batches": args.loader_batches, "memory": args.memory,
-           "device": "cpu", "dtype": "float32", "m": None, "c": None, "d": None, "d_state": None,
-           "shared_labels": False}
+           "device": "cpu", "dtype": "float32"}
     _log(cfg["t0"], f"train: rows {','.join(args.train_rows)}")
     results = {row: _bench_in_subprocess_or_here(cfg, row) for row in args.train_rows}
-    env = _env_columns(cfg)
+    env = _machine_columns(cfg)
     lines = [f"{'row':<22}{'backbone':>14}{'S':>5}{'batch':>6}{'ms/step':>11}{'images/s':>10}{'reps':>6}"]
     for row, r in results.items():
         if r.get("error"):
@@ -166,15 +163,7 @@ def run(args) -> int:
     print("\n".join(lines))
     for k, v in _ratios(results).items():
         print(f"{k}: {_fmt(v, '.2f')}")
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"train-{args.train_backbone}-{args.train_image_size}-{stamp}.csv")
-    cols = ["row", "backbone", "image_size", "batch", "ms", "min_ms", "images_per_s", "reps", "workers", "error"] + [
-        k for k in env if k not in ("batch", "m", "c", "d", "d_state", "shared_labels")]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for row, r in results.items():
-            w.writerow({**env, **r, "row": row})
+    cols = ["row", "backbone", "image_size", "batch", "ms", "min_ms", "images_per_s", "reps", "workers", "error"]
+    path = _write_rows_csv(args.out, f"train-{args.train_backbone}-{args.train_image_size}", results, cols, env)
     print(f"CSV: {path}")
     return 1 if any(r.get("error") for r in results.values()) else 0

@@ -413,14 +413,12 @@ def _read_train_checkpoint(path: str) -> dict:
 
 def _check_same_model(ck: dict, path: str, model_name: str, classnames: List[str],
                       model_config: Optional[Dict[str, Any]] = None) -> None:
-    if ck["model_name"] != model_name:
-        raise ValueError(f"{path!r} is a checkpoint of model {ck['model_name']!r}, not {model_name!r}")
-    saved = list(ck["classnames"])
-    if saved != list(classnames):
-        if len(saved) != len(classnames):
-            raise ValueError(f"{path!r} was trained on {len(saved)} classes; the data has {len(classnames)}")
-        i = next(i for i, (a, b) in enumerate(zip(saved, classnames)) if a != b)
-        raise ValueError(f"{path!r} was trained on other classes: [{i}] {saved[i]!r} != {classnames[i]!r}")
+    """ValueError unless training checkpoint ``ck`` is of this model, these classnames and (when given)
+    this model config, naming the difference."""
+    from .models._registry import _check_checkpoint
+
+    _check_checkpoint({"model": ck["model_name"], "classnames": ck["classnames"]}, model_name, list(classnames),
+                      path, what="checkpoint")
     if model_config is not None:
         diff = sorted(k for k in set(ck["model_config"]) | set(model_config)
                       if _plain(ck["model_config"].get(k)) != _plain(model_config.get(k)))
@@ -576,16 +574,14 @@ def _frozen_features(model, train_ds, val_ds, args, d: _Dist, out_dir: str, prog
                       "weights": float(sum(float(p.double().sum()) for p in model.backbone.parameters()))})
     feats = []
     for split, ds in (("train", train_ds), ("val", val_ds)):
-        path = os.path.join(out_dir, f"features-{split}.pt")
+        ds.transform = val_ds.transform  # no augmentation under a cache
+        if not d.main:  # rank 0 encodes and writes the file first; the others then read it
+            _barrier(d)
+        feats.append(cache_features(model.encode_images, ds, path=os.path.join(out_dir, f"features-{split}.pt"),
+                                    key=f"{key}|{ds.describe()}", batch_size=64, num_workers=args.workers,
+                                    device=d.device, desc=f"encoding {split}"))
         if d.main:
-            ds.transform = getattr(val_ds, "transform", ds.transform)  # no augmentation under a cache
-            feats.append(cache_features(model.encode_images, ds, path=path, key=f"{key}|{ds.describe()}",
-                                        batch_size=64, num_workers=args.workers, device=d.device,
-                                        desc=f"encoding {split}"))
-        _barrier(d)
-        if not d.main:
-            feats.append(cache_features(model.encode_images, ds, path=path, key=f"{key}|{ds.describe()}",
-                                        batch_size=64, num_workers=args.workers, device=d.device))
+            _barrier(d)
     return feats
 
 
@@ -797,14 +793,16 @@ def _format_record(r: Dict[str, Any]) -> str:
 # evaluation command
 # ----------------------------------------------------------------------------------------------
 
-def run_eval(args, p: argparse.ArgumentParser) -> int:
-    """``vlssm eval``: the metrics of a training checkpoint's model and EMA on the validation split."""
+def run_eval(args, p: argparse.ArgumentParser, ck: Optional[dict] = None) -> int:
+    """``vlssm eval``: the metrics of a training checkpoint's model and EMA on the validation split.
+    ``ck``: the checkpoint ``args.checkpoint`` already read (:func:`parse_eval_args` reads it), or None."""
     from .models import create_model
 
-    try:
-        ck = _read_train_checkpoint(args.checkpoint)
-    except ValueError as e:
-        p.error(str(e))
+    if ck is None:
+        try:
+            ck = _read_train_checkpoint(args.checkpoint)
+        except ValueError as e:
+            p.error(str(e))
     if ck["model_name"] != args.model:
         p.error(f"{args.checkpoint!r} is a checkpoint of model {ck['model_name']!r}, not {args.model!r}")
     try:
@@ -865,8 +863,9 @@ def run_eval(args, p: argparse.ArgumentParser) -> int:
 
 # ----------------------------------------------------------------------------------------------
 
-def parse_eval_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Parse ``vlssm eval`` arguments; the data options default to those the checkpoint was trained with."""
+def parse_eval_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, dict]:
+    """Parse ``vlssm eval`` arguments: ``(args, the checkpoint read)``; the data options default to those
+    the checkpoint was trained with."""
     from .data import add_data_arguments
 
     first, _ = p.parse_known_args(argv)
@@ -878,7 +877,7 @@ def parse_eval_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -
     add_data_arguments(probe)
     data_keys = {a.dest for a in probe._actions if a.option_strings}
     p.set_defaults(**{k: v for k, v in ck["config"].items() if k in data_keys})
-    return p.parse_args(argv)
+    return p.parse_args(argv), ck
 
 
 def build_parser(prog: str = "python -m vlssm.train") -> argparse.ArgumentParser:
@@ -904,7 +903,8 @@ def train(argv: Optional[Sequence[str]] = None, prog: str = "python -m vlssm.tra
 def evaluate(argv: Optional[Sequence[str]] = None, prog: str = "vlssm eval") -> int:
     """``vlssm eval`` with the arguments ``argv``; returns the exit status."""
     p = build_eval_parser(prog)
-    return run_eval(parse_eval_args(p, argv), p)
+    args, ck = parse_eval_args(p, argv)
+    return run_eval(args, p, ck)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

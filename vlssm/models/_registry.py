@@ -164,15 +164,17 @@ def create_model(name: str, classnames: Sequence[str], backbone: Optional[str] =
     return model
 
 
-def _check_checkpoint(ckpt: dict, name: str, classnames: List[str], path: str) -> None:
+def _check_checkpoint(ckpt: dict, name: str, classnames: List[str], path: str, what: str = "pretrained") -> None:
+    """ValueError unless checkpoint ``ckpt`` (its ``model`` and ``classnames``) is of model ``name`` and
+    these classnames; ``what`` names the file in the message (vlssm.train's checkpoints use it too)."""
     if ckpt.get("model") != name:
-        raise ValueError(f"pretrained {path!r} is a checkpoint of model {ckpt.get('model')!r}, not {name!r}")
+        raise ValueError(f"{what} {path!r} is a checkpoint of model {ckpt.get('model')!r}, not {name!r}")
     saved = list(ckpt.get("classnames", []))
     if saved != classnames:
         if len(saved) != len(classnames):
-            raise ValueError(f"pretrained {path!r} has {len(saved)} classes, classnames has {len(classnames)}")
+            raise ValueError(f"{what} {path!r} has {len(saved)} classes, classnames has {len(classnames)}")
         i = next(i for i, (a, b) in enumerate(zip(saved, classnames)) if a != b)
-        raise ValueError(f"pretrained {path!r} was trained on other classnames: [{i}] {saved[i]!r} != {classnames[i]!r}")
+        raise ValueError(f"{what} {path!r} was trained on other classnames: [{i}] {saved[i]!r} != {classnames[i]!r}")
 
 
 def save_checkpoint(model: nn.Module, path: str, **extra) -> None:
