@@ -8,8 +8,9 @@
 #                           opcheck, torch.compile, CUDA-graph capture of QMVL
 #                           forward+backward, mamba_ssm oracle) and bench/check_cuda.py
 #                           (CUDA vs CPU kernels op by op), then
-#                           `vlssm bench --device cuda` (QMVL providers, fork_scan
-#                           bandwidth vs device copy) and prints a short table last.
+#                           `vlssm bench gpu` (QMVL providers), `vlssm bench scan --device
+#                           cuda` (fork_scan bandwidth vs device copy) and `vlssm bench ifm
+#                           --device cuda`, and prints a short table last.
 #   bench/gpu.sh fetch      on a machine with internet: downloads the mamba-ssm and
 #                           causal-conv1d sdists into .gpu_pkgs/ (git-ignored; carry it).
 #
@@ -131,12 +132,14 @@ fi
 # ---------------------------------------------------------------- benchmarks
 BENCH_RC=0
 if [[ $SKIP != *" bench "* ]]; then
-    say "benchmark: vlssm bench --device cuda --workload qmvl"
-    $PY -m vlssm.cli bench --device cuda --workload qmvl --out "$OUT" --reps "${BENCH_REPS:-20}" \
-        >"$OUT/bench.log" 2>&1
+    say "benchmark: vlssm bench gpu (QMVL providers, SDPA baselines, mamba-ssm)"
+    $PY -m vlssm.cli bench gpu --out "$OUT" --reps "${BENCH_REPS:-20}" >"$OUT/bench.log" 2>&1
     BENCH_RC=$?
-    say "benchmark: vlssm bench --device cuda --workload ifm (kernel launches per IFM forward)"
-    $PY -m vlssm.cli bench --device cuda --workload ifm --ifm-c 20,80 --ifm-m 196,784 --no-memory --out "$OUT" \
+    say "benchmark: vlssm bench scan --device cuda (fork_scan bandwidth vs a device copy)"
+    $PY -m vlssm.cli bench scan --device cuda --out "$OUT" --reps "${BENCH_REPS:-20}" \
+        >>"$OUT/bench.log" 2>&1 || BENCH_RC=$?
+    say "benchmark: vlssm bench ifm --device cuda (kernel launches per IFM forward)"
+    $PY -m vlssm.cli bench ifm --device cuda --c 20,80 --m 196,784 --no-memory --out "$OUT" \
         >>"$OUT/bench.log" 2>&1 || BENCH_RC=$?
 fi
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """QMVL benchmark: fused vs unfused vs the pure-PyTorch reference composition.
 
-A thin script over :mod:`vlssm.bench` (the implementation, shared with
-``vlssm bench``): ``python bench/qmvl.py --help`` lists the options.
+A thin script over :mod:`vlssm.bench.qmvl` (the implementation, shared with
+``vlssm bench qmvl``): ``python bench/qmvl.py --help`` lists the options.
 """
 import os
 import sys
@@ -14,4 +14,4 @@ except ImportError:  # run from a source checkout without an install
     from vlssm.bench import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["qmvl", *sys.argv[1:]]))

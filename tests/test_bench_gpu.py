@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from vlssm import _backend
 from vlssm.bench import build_parser
-from vlssm.bench_gpu import GPU_PROVIDERS, fork_scan_bytes
+from vlssm.bench.gpu import GPU_PROVIDERS
+from vlssm.bench.scan import fork_scan_bytes
 from vlssm.modules.baselines import SDPACross, SDPASelf
 
 
@@ -62,8 +63,8 @@ def test_sdpa_baselines_compute_attention_blocks():
 
 
 def test_gpu_options_default_to_the_mvlr_sweep():
-    a = build_parser().parse_args(["--device", "cuda"])
-    assert a.gpu_providers == list(GPU_PROVIDERS)
-    assert (a.gpu_m, a.gpu_c, a.gpu_dtypes, a.batch) == ([196, 784], [20, 80], ["float32", "bfloat16"], None)
-    a = build_parser().parse_args(["--gpu-providers", "sdpa-self,fused-cuda,sdpa-self"])
+    a = build_parser().parse_args(["gpu"])
+    assert a.gpu_providers == list(GPU_PROVIDERS) and a.device == "cuda"
+    assert (a.gpu_m, a.gpu_c, a.gpu_dtypes, a.batch) == ([196, 784], [20, 80], ["float32", "bfloat16"], 32)
+    a = build_parser().parse_args(["gpu", "--gpu-providers", "sdpa-self,fused-cuda,sdpa-self"])
     assert a.gpu_providers == ["sdpa-self", "fused-cuda"]

@@ -11,11 +11,11 @@ import pytest
 
 import vlssm
 from vlssm import _backend
-from vlssm.bench import CSV_COLUMNS
+from vlssm.bench.qmvl import CSV_COLUMNS
 from vlssm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--workload", "qmvl", "--batch", "1", "--m", "5", "--c", "3", "--d", "16", "--reps", "1", "--ref-reps", "1"]
+TINY = ["qmvl", "--batch", "1", "--m", "5", "--c", "3", "--d", "16", "--reps", "1", "--ref-reps", "1"]
 
 
 def _run(args, cwd, timeout=600):
@@ -119,12 +119,12 @@ def test_bench_memory_subprocess_and_options(tmp_path):
     assert float(rows[1]["max_rel_diff_vs_unfused"]) < 1e-9
 
 
-IFM_TINY = ["bench", "--workload", "ifm", "--batch", "2", "--d", "8", "--heads", "2", "--ifm-c", "3,1",
-            "--ifm-m", "5", "--reps", "1"]
+IFM_TINY = ["bench", "ifm", "--batch", "2", "--d", "8", "--heads", "2", "--c", "3,1",
+            "--m", "5", "--reps", "1"]
 
 
 def test_bench_ifm_sweep_writes_csv(tmp_path):
-    from vlssm.bench_ifm import CSV_COLUMNS as IFM_COLUMNS
+    from vlssm.bench.ifm import CSV_COLUMNS as IFM_COLUMNS
 
     out = tmp_path / "ifm"
     r = _run([*IFM_TINY, "--out", str(out)], tmp_path)
@@ -145,7 +145,7 @@ def test_bench_ifm_sweep_writes_csv(tmp_path):
 
 def test_bench_default_runs_both_workloads(tmp_path):
     out = tmp_path / "both"
-    r = _run(["bench", *TINY[2:], "--providers", "fused", "--ifm-c", "2", "--ifm-m", "3", "--no-memory",
+    r = _run(["bench", *TINY[1:], "--providers", "fused", "--ifm-c", "2", "--ifm-m", "3", "--no-memory",
               "--out", str(out)], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     names = sorted(p.name.split("-")[0] for p in out.glob("*.csv"))
@@ -164,10 +164,13 @@ def test_bench_default_runs_both_workloads(tmp_path):
         (["bench", "--budget", "-1"], "--budget"),
         (["bench", "--ifm-c", "20,x"], "--ifm-c"),
         (["bench", "--ifm-m", "0"], "--ifm-m"),
-        (["bench", "--workload", "attention"], "--workload"),
-        (["bench", "--gpu-providers", "fused-cuda,flash"], "--gpu-providers"),
-        (["bench", "--gpu-dtypes", "float16"], "--gpu-dtypes"),
-        (["bench", "--gpu-m", "196,-1"], "--gpu-m"),
+        (["bench", "ifm", "--c", "20,x"], "--c"),
+        (["bench", "frobnicate"], "invalid choice"),
+        (["bench", "gpu", "--gpu-providers", "fused-cuda,flash"], "--gpu-providers"),
+        (["bench", "gpu", "--gpu-dtypes", "float16"], "--gpu-dtypes"),
+        (["bench", "gpu", "--gpu-m", "196,-1"], "--gpu-m"),
+        (["bench", "scan", "--ops", "fork_scan,nope"], "--ops"),
+        (["bench", "models", "--device", "cuda"], "--device"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],

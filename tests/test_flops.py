@@ -1,4 +1,4 @@
-"""Analytic QMVL FLOPs (vlssm.profile.flops): DESIGN.md's numbers and torch's own count."""
+"""Analytic QMVL FLOPs (vlssm.profile.flops): docs/design.md's numbers and torch's own count."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -9,7 +9,7 @@ MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
 
 
 def test_design_numbers():
-    """DESIGN.md section 2: d=512, M=196, C=80: 3.86 -> 1.74 GFLOP per image, about 2.2x."""
+    """docs/design.md section 2: d=512, M=196, C=80: 3.86 -> 1.74 GFLOP per image, about 2.2x."""
     unfused = qmvl_flops_per_image(m=196, c=80, d_model=512, fused=False)
     fused = qmvl_flops_per_image(m=196, c=80, d_model=512, fused=True)
     assert round(unfused, 2) == 3.86
@@ -26,7 +26,7 @@ def test_breakdown_and_batch_scaling():
     # The matmuls dominate; the scan is 9 FLOPs per (token, channel, state).
     assert one.matmul > 0.9 * one.total
     E, N = 1024, 16
-    assert one.scan == 9 * E * N * 3 * (196 + 80)  # 3(M + C) scan steps per QMVL, DESIGN.md section 2
+    assert one.scan == 9 * E * N * 3 * (196 + 80)  # 3(M + C) scan steps per QMVL, docs/design.md section 2
     unf = qmvl_flops(1, 196, 80, 512, fused=False)
     assert unf.scan == 9 * E * N * 4 * (196 + 80)  # 4(M + C)
 

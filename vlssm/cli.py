@@ -1,9 +1,12 @@
-"""The ``vlssm`` command line: ``vlssm env`` and ``vlssm bench``.
+"""The ``vlssm`` command line.
 
     vlssm env [--json]        what vlssm runs on here: versions, the compiled
                               extension, threads, what backend "auto" picks
-    vlssm bench [options]     QMVL fused vs unfused vs reference (see
-                              ``vlssm bench --help``)
+    vlssm bench [WORKLOAD] [options]
+                              benchmarks (``vlssm bench --help`` lists the workloads;
+                              no WORKLOAD: the short CPU default run)
+    vlssm profile MODEL [...] FLOPs (GMACs and GFLOPs), params, latency and peak memory
+                              of a model or layer, per part (``vlssm profile --help``)
     vlssm train MODEL [...]   train a model (demo data by default; ``vlssm train --help``)
     vlssm eval MODEL --checkpoint PATH [...]
                               evaluate a training checkpoint (model and EMA)
@@ -27,8 +30,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
-
+    """The top-level parser. ``bench``, ``profile``, ``train`` and ``eval`` have parsers of their own
+    (:func:`main` hands their arguments over before this one parses); they are listed here for help."""
     p = argparse.ArgumentParser(
         prog="vlssm",
         description="vlssm: fused selective-scan kernels for QMVL (quadruplet Mamba) layers.",
@@ -41,18 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "availability, the compiled extension vlssm._C, CPU threads and what "
                                    "backend 'auto' resolves to.")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    b = sub.add_parser("bench", help="benchmark QMVL: fused vs unfused vs the pure-PyTorch reference",
-                       description=bench.__doc__.split("\n\n")[0] if bench.__doc__ else None)
-    bench.add_arguments(b)
-    from . import train
-
-    t = sub.add_parser("train", help="train a model (MVLR, CAPNET, Candle; demo data by default)",
-                       description=train.__doc__.split("\n\n")[0])
-    train.add_train_arguments(t)
-    v = sub.add_parser("eval", help="evaluate a training checkpoint (model and EMA)",
-                       description="Evaluate a vlssm train checkpoint (model and EMA).")
-    train.add_eval_arguments(v)
+    for name, help_ in _DELEGATED.items():
+        sub.add_parser(name, help=help_, add_help=False)
     return p
+
+
+#: commands whose own parser takes over all their arguments.
+_DELEGATED = {
+    "bench": "benchmarks: vlssm bench [WORKLOAD] (qmvl, ifm, attention, scan, models, train, gpu)",
+    "profile": "FLOPs (GMACs and GFLOPs), params, latency and memory of a model or layer, per part",
+    "train": "train a model (MVLR, CAPNET, Candle; demo data by default)",
+    "eval": "evaluate a training checkpoint (model and EMA)",
+}
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -73,13 +76,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         run = train.train if argv[0] == "train" else train.evaluate
         return run(argv[1:], prog=f"vlssm {argv[0]}")
+    if argv and argv[0] == "bench":  # sub-commands per workload
+        from . import bench
+
+        return bench.run(bench.parse_args(argv[1:]))
+    if argv and argv[0] == "profile":
+        from .profile.profiler import main as profile_main
+
+        return profile_main(argv[1:], prog="vlssm profile")
     args = build_parser().parse_args(argv)
     if args.command == "env":
         return _env(args)
-    if args.command == "bench":
-        from .bench import run
-
-        return run(args)
     raise AssertionError(args.command)  # pragma: no cover
 
 

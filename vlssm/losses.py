@@ -9,7 +9,7 @@
 
 Every loss states its published formula, where it comes from (paper and official code)
 and the shapes it takes; where a paper is silent the choice made is written down as an
-assumption (DESIGN.md section 6).
+assumption (docs/design.md section 6).
 
 Conventions shared by the multi-label losses:
 

@@ -1,4 +1,4 @@
-"""Every vlssm op on CUDA tensors against the float64 reference (DESIGN.md section 4).
+"""Every vlssm op on CUDA tensors against the float64 reference (docs/design.md section 4).
 
 Backends: "cuda" (vlssm._C's CUDA kernels; the scan ops) and "triton" (every
 op). Dtypes: float32 and float64 within the CPU tests' tolerances; float16
@@ -404,7 +404,7 @@ def test_qmvl_compile_fullgraph(backend):
 def test_qmvl_matches_mamba_ssm_cuda():
     """External oracle: the fused CUDA QMVL equals the composition on mamba_ssm's own CUDA Mamba."""
     _skip_unless("cuda")
-    from vlssm.bench_gpu import mamba_ssm_status
+    from vlssm.bench.gpu import mamba_ssm_status
     from vlssm.modules.baselines import MambaSsmQMVL
 
     if mamba_ssm_status()[0] is None:

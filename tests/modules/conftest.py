@@ -142,7 +142,7 @@ def literal_block(block, h: torch.Tensor) -> torch.Tensor:
 
 
 def literal_qmvl(q, x: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """DESIGN.md section 1, literally: four sequences, cat and flip."""
+    """docs/design.md section 1, literally: four sequences, cat and flip."""
     B, M, d = x.shape
     C = t.shape[-2]
     t3 = t if t.dim() == 3 else t.unsqueeze(0).repeat(B, 1, 1)

@@ -131,7 +131,7 @@ def test_shared_labels_broadcast(helpers, backend):
 
 
 def test_fused_path_has_no_cat_or_flip(helpers, monkeypatch):
-    """The fused layer never concatenates or flips (DESIGN.md section 2)."""
+    """The fused layer never concatenates or flips (docs/design.md section 2)."""
     q = _qmvl(helpers, torch.float32, seed=0, backend="cpu" if helpers.HAS_CPU_EXT else "reference")
     if q.backend == "reference":
         pytest.skip("the reference ops themselves cat and flip; " + helpers.CPU_SKIP_REASON)

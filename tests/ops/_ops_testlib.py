@@ -9,7 +9,7 @@ Contents:
 - ``literal_*``: implementations of the three ops written independently of
   vlssm (plain Python loops over time / taps, explicit cat and reverse order),
   used to check the references, which in turn are the ground truth of the
-  compiled kernels (DESIGN.md section 4);
+  compiled kernels (docs/design.md section 4);
 - ``check_raises``: bad-input assertion that the error names the argument.
 """
 from __future__ import annotations

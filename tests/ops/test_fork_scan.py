@@ -3,7 +3,7 @@
 Ground truth: vlssm.reference.fork_scan_ref in float64 on the same inputs
 upcast, itself checked against two literal scans of [P, S] and [P, rev S].
 Also: the fused conv + fork_scan pipeline against the unfused composition of
-two full sequences through selective_scan (DESIGN.md section 2).
+two full sequences through selective_scan (docs/design.md section 2).
 """
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def test_gradcheck_batch_broadcast_z(seed, kernel_backend):
 
 
 # --------------------------------------------------------------------------
-# The fused pipeline equals the unfused composition (DESIGN.md section 2)
+# The fused pipeline equals the unfused composition (docs/design.md section 2)
 
 
 def _pipeline_params(seed, E, N, R, K, dtype=F64):

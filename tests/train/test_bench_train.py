@@ -1,4 +1,4 @@
-"""``vlssm bench --workload train``: the demo rows run, print their ratios and write one CSV."""
+"""``vlssm bench train``: the demo rows run, print their ratios and write one CSV."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 
 def test_train_workload_demo_rows(tmp_path, capsys):
     rows = ["loader-demo", "step-demo-default", "step-demo-reference"]
-    rc = bench.main(["--workload", "train", "--train-rows", ",".join(rows), "--reps", "1", "--warmup", "0",
+    rc = bench.main(["train", "--train-rows", ",".join(rows), "--reps", "1", "--warmup", "0",
                      "--loader-batches", "1", "--workers", "0", "--no-memory", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out

@@ -15,7 +15,27 @@ from typing import Dict, List
 
 from ._base import MultiLabelDataset, check_path_arg, multi_hot, read_ids_file
 
-__all__ = ["COCODataset"]
+__all__ = ["COCODataset", "COCO_CLASSES", "coco_classnames"]
+
+
+#: MS-COCO's 80 class names in label order (category ids sorted), as the multi-label papers use them.
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+
+
+
+def coco_classnames(C: int = 80) -> List[str]:
+    """C class names: COCO's first C, then "class k" for k >= 80."""
+    return [COCO_CLASSES[i] if i < len(COCO_CLASSES) else f"class {i}" for i in range(C)]
 
 
 def _field(d, key: str, typ, where: str):

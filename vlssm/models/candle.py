@@ -1,11 +1,10 @@
 """Candle: efficient and long-tailed generalization of a frozen CLIP (imbalanced base-to-new).
 
 Source: J. Shi et al., "Efficient and Long-Tailed Generalization for Pre-trained
-Vision-Language Model", KDD 2024, arXiv 2406.12638 (``shared/papers/candle-summary.md``),
-and the authors' public code, github.com/shijxcs/Candle (``trainers/candle.py``: ``Fusion``,
-``Head``, ``Candle.build_model`` / ``forward_backward`` / ``model_inference``;
-``trainers/losses.py``; ``train.py``; ``run_example.sh``), which this module follows where the
-summary is silent.
+Vision-Language Model", KDD 2024, arXiv 2406.12638, and the authors' public code,
+github.com/shijxcs/Candle (``trainers/candle.py``: ``Fusion``, ``Head``, ``Candle.build_model`` /
+``forward_backward`` / ``model_inference``; ``trainers/losses.py``; ``train.py``; ``run_example.sh``), which
+this module follows where the paper is silent.
 
 For C class names, the first ``num_base`` of them base classes (with training images) and the
 rest new classes (none), CLIP's frozen encoders give, with d the joint width::

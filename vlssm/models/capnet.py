@@ -1,7 +1,7 @@
 """CAPNET (correlation adaptation prompt network) for long-tailed multi-label recognition.
 
 Tang, Wang, Zhang, Wei, Zhang, "Unleashing the Power of Vision-Language Models for Long-Tailed
-Multi-Label Visual Recognition", arXiv 2511.20641 (``shared/papers/capnet-summary.md``). For images
+Multi-Label Visual Recognition", arXiv 2511.20641. For images
 (B, 3, S, S) and C class names, on one CLIP model (image encoder E_I, text encoder E_T, joint width d)::
 
     F_t     = E_T([SOS][ctx_c,1 .. ctx_c,L][name_c][.][EOS])_c        (C, d)  class-specific soft prompts,
@@ -40,7 +40,7 @@ AdaptFormer (Chen et al., NeurIPS 2022, github.com/ShoufaChen/AdaptFormer ``mode
         out = act3(bn3(conv3(...)) + shortcut(x) + adapter(x))
         adapter(x) = s * Conv1x1_up(dropout(ReLU(Conv1x1_down(AvgPool_stride(x)))))   C_in -> r -> C_out
 
-From the paper (its abstract and public summaries of arXiv 2511.20641; ``shared/papers/capnet-summary.md``):
+From the paper (its abstract and public summaries of arXiv 2511.20641):
 CLIP ResNet-50 / ViT-B/16 image encoders, class-specific learnable soft prompts through the frozen text
 encoder, a label graph from CLIP's text encoder, a three-layer GCN whose output is added to the prompt
 features as a residual, cosine similarity with a trainable temperature and a sigmoid, the distribution-

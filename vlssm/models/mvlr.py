@@ -1,7 +1,7 @@
 """MVLR (Mamba-enhanced visual-linguistic representation) and its Baseline, on vlssm's ops.
 
-MVLR (paper sections 3.2-3.5, ``shared/papers/mvlr.md``), for images (B, 3, S, S)
-and C class names::
+MVLR ("Mamba-Enhanced Visual-Linguistic Representation for Multi-Label Image Recognition",
+sections 3.2-3.5), for images (B, 3, S, S) and C class names::
 
     X               = backbone(images)                 (B, M, d)  CLIP dense tokens (models._clip)
     T^hard, T^soft  = PDLR(classnames)                 (C, d)     hard / soft prompts, frozen text encoder

@@ -8,7 +8,7 @@ computation through :func:`vlssm.ops.selective_scan`.
 :meth:`Mamba.fork` / :meth:`MambaBlock.fork` compute, for a prefix ``P`` and a
 suffix ``S``, the sum of the suffix outputs of the two sequences ``[P, S]`` and
 ``[P, rev S]`` (the latter flipped back to token order) without concatenating or
-flipping anything (DESIGN.md section 2): the per-token work (norm, in_proj, the
+flipping anything (docs/design.md section 2): the per-token work (norm, in_proj, the
 gate and out_proj) runs once per token, the prefix is convolved and scanned
 once, and the suffix twice (forward and reversed) by
 :func:`vlssm.ops.fork_conv1d` and :func:`vlssm.ops.fork_scan`.
@@ -223,7 +223,7 @@ class Mamba(nn.Module):
         """Suffix outputs of ``[P, S]`` plus those of ``[P, rev S]`` in token order.
 
         Equals ``self(cat([P, S]))[:, p:] + flip(self(cat([P, flip(S)]))[:, p:])``
-        to rounding, computed without any cat or flip (DESIGN.md section 2).
+        to rounding, computed without any cat or flip (docs/design.md section 2).
 
         Args:
             prefix: (B, p, d), or (p, d) shared by the whole batch, or None

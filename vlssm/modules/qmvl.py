@@ -1,4 +1,4 @@
-"""QMVL: the quadruplet Mamba vision-language layer (DESIGN.md section 1).
+"""QMVL: the quadruplet Mamba vision-language layer (docs/design.md section 1).
 
 For visual tokens ``x`` (B, M, d) and label tokens ``t`` (B, C, d) or (C, d)::
 

@@ -1,7 +1,7 @@
 """The fork ops: one shared prefix, a suffix scanned in both orders.
 
 A Mamba block that sees ``[P, S]`` and ``[P, rev S]`` and is only asked for
-outputs on the suffix computes the prefix once (DESIGN.md section 2). Both ops
+outputs on the suffix computes the prefix once (docs/design.md section 2). Both ops
 are token-major, like the ``nn.Linear`` outputs around them, and store the
 reversed suffix in token order: direction belongs to the scan, not to memory.
 

@@ -1,6 +1,6 @@
 """The IFM written the plain way: the paper's formulas with plain PyTorch ops.
 
-This is the baseline of the IFM benchmark (``vlssm bench --workload ifm``) and a
+This is the baseline of the IFM benchmark (``vlssm bench ifm``) and a
 second implementation for the tests: it reads a :class:`vlssm.IFM`'s parameters
 and computes, with no vlssm op,
 

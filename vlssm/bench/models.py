@@ -1,4 +1,4 @@
-"""``vlssm bench --workload models``: MVLR's whole-model costs, side by side in one run.
+"""``vlssm bench models``: MVLR's whole-model costs, side by side in one run.
 
 Rows (each a fresh subprocess, for its peak memory; random weights, nothing downloaded):
 
@@ -17,45 +17,46 @@ The defaults are the paper's: RN101 at 448 x 448, the 80 MS-COCO classes, float3
 """
 from __future__ import annotations
 
-import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict
 
-#: MS-COCO's 80 class names in label order (category ids sorted), as the multi-label papers use them.
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)
+from .._argtypes import positive_int
+from . import _harness as H
+
+ROWS = ("infer-mvlr", "infer-baseline", "train-default", "train-reference", "text-truncated", "text-full")
 
 
-
-def classnames(C: int) -> List[str]:
-    """C class names: COCO's first C, then "class k" for k >= 80."""
-    return [COCO_CLASSES[i] if i < len(COCO_CLASSES) else f"class {i}" for i in range(C)]
-
+def add_arguments(p, common: bool = True):
+    """The whole-model workload's options (``--model-*``) and the shared run options."""
+    gm = p.add_argument_group("whole model")
+    gm.add_argument("--model-backbone", default="RN101", help="open_clip backbone (default RN101)")
+    gm.add_argument("--model-image-size", type=positive_int, default=448, help="image side S (default 448)")
+    gm.add_argument("--model-c", type=positive_int, default=80, help="classes C (default 80: MS-COCO's names)")
+    gm.add_argument("--model-infer-batch", type=positive_int, default=1, help="inference batch (default 1)")
+    gm.add_argument("--model-train-batch", type=positive_int, default=1, help="training-step batch (default 1)")
+    gm.add_argument("--model-train-reps", type=positive_int, default=2,
+                    help="timed training steps per row (default 2; the reference row takes ~20 s a step)")
+    gm.add_argument("--model-rows", type=H.choice_list(ROWS, "row"), default=list(ROWS),
+                    help=f"comma list of {','.join(ROWS)} (default all)")
+    if common:
+        H.add_common_arguments(p, devices=("cpu",), dtypes=("float32",))
+    return p
 
 def _build(cfg: Dict[str, Any], name: str, **over):
     import torch
 
     from vlssm import models
+    from vlssm.data.coco import coco_classnames
 
     torch.manual_seed(cfg["seed"])
-    return models.create_model(name, classnames(cfg["c"]), backbone=cfg["backbone"], image_size=cfg["image_size"],
+    return models.create_model(name, coco_classnames(cfg["c"]), backbone=cfg["backbone"],
+                               image_size=cfg["image_size"],
                                **over)
 
 
 def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Time one row in this process (the subprocess worker of vlssm.bench calls it)."""
     import torch
-
-    from .bench import _log, _PhaseMemory, _time_phase
 
     row, t0 = cfg["provider"], cfg["t0"]
     if cfg.get("threads"):
@@ -94,14 +95,14 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
             pdlr.soft().sum().backward()
         reps, phase = cfg["reps"], "text"
     fn()  # prime (and fill the eval caches) before the memory baseline
-    mem = _PhaseMemory("cpu", res) if cfg["memory"] else None
-    _log(t0, f"{row:<15} {reps} rep(s) + {cfg['warmup']} warm-up")
-    t = _time_phase(fn, reps, cfg["warmup"], cfg["budget"], "cpu")
+    mem = H.PhaseMemory("cpu", res) if cfg["memory"] else None
+    H.log(t0, f"{row:<15} {reps} rep(s) + {cfg['warmup']} warm-up")
+    t = H.time_phase(fn, reps, cfg["warmup"], cfg["budget"], "cpu")
     res.update(ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, reps=t["reps"])
     if mem:
         mem.end_phase(phase, last=True)
         res["peak_mem_increase_mb"] = res.pop(f"peak_mem_{phase}_increase_mb", None)
-    _log(t0, f"{row:<15} median {res['ms']:10.2f} ms over {t['reps']} rep(s)")
+    H.log(t0, f"{row:<15} median {res['ms']:10.2f} ms over {t['reps']} rep(s)")
     return res
 
 
@@ -117,36 +118,29 @@ def _ratios(rows: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
 def run(args) -> int:
     """Run the rows of ``args.model_rows`` (each in a subprocess unless ``--no-memory``); prints the
     table and the three ratios, writes one CSV to ``args.out``; returns 1 when a row failed."""
-    from .bench import _bench_in_subprocess_or_here, _fmt, _log, _machine_columns, _write_rows_csv
-
-    if args.device != "cpu":
-        print("vlssm bench: error: --workload models runs on the CPU only for now", file=sys.stderr)
-        return 2
-    cfg = {"workload": "models", "t0": time.time(), "threads": args.threads, "seed": args.seed,
+    cfg = {"workload": "models", "worker": __name__, "t0": time.time(), "threads": args.threads, "seed": args.seed,
            "backbone": args.model_backbone, "image_size": args.model_image_size, "c": args.model_c,
            "infer_batch": args.model_infer_batch, "train_batch": args.model_train_batch, "reps": args.reps,
            "train_reps": args.model_train_reps, "warmup": args.warmup, "budget": args.budget,
            "memory": args.memory, "device": "cpu", "dtype": "float32"}
-    _log(cfg["t0"], f"models: {cfg['backbone']} at {cfg['image_size']}, C={cfg['c']}, rows {','.join(args.model_rows)}")
-    results = {row: _bench_in_subprocess_or_here(cfg, row) for row in args.model_rows}
-    env = _machine_columns(cfg)
-    lines = [f"{'row':<16}{'ms':>12}{'min ms':>12}{'reps':>6}{'peak MB':>10}{'+MB':>8}  note"]
-    for row, r in results.items():
-        if r.get("error"):
-            lines.append(f"{row:<16}FAILED: {r['error']}")
-            continue
-        note = f"{r['text_tokens']} text tokens" if "text_tokens" in r else ""
-        lines.append(f"{row:<16}{_fmt(r.get('ms'), '.1f'):>12}{_fmt(r.get('min_ms'), '.1f'):>12}{r['reps']:>6}"
-                     f"{_fmt(r.get('peak_mem_mb'), '.0f'):>10}{_fmt(r.get('peak_mem_increase_mb'), '.0f'):>8}  {note}")
+    H.log(cfg["t0"], f"models: {cfg['backbone']} at {cfg['image_size']}, C={cfg['c']}, "
+                     f"rows {','.join(args.model_rows)}")
+    results = {row: H.run_row(cfg, row) for row in args.model_rows}
+    env = H.machine_columns(cfg)
+    rows = [dict(r, row=row) for row, r in results.items()]
+    table = H.format_table(rows, [("row", "row", "s"), ("ms", "ms", ".1f"), ("min ms", "min_ms", ".1f"),
+                                  ("reps", "reps", "d"), ("peak MB", "peak_mem_mb", ".0f"),
+                                  ("+MB", "peak_mem_increase_mb", ".0f"), ("text tokens", "text_tokens", "d")])
     print(f"MVLR whole model, {cfg['backbone']} {cfg['image_size']}x{cfg['image_size']}, C={cfg['c']}, float32, "
           f"{env['device_name']}, {env['cpu_threads']} threads; infer batch {cfg['infer_batch']}, "
           f"train batch {cfg['train_batch']}")
-    print("\n".join(lines))
+    print(table)
     for k, v in _ratios(results).items():
-        print(f"{k}: {_fmt(v, '.2f')}")
+        print(f"{k}: {H.fmt(v, '.2f')}")
     cols = ["row", "ms", "min_ms", "reps", "peak_mem_mb", "peak_mem_increase_mb", "mem_kind", "text_tokens",
             "backbone", "image_size", "c", "infer_batch", "train_batch", "error"]
-    path = _write_rows_csv(args.out, f"models-{cfg['backbone']}-{cfg['image_size']}-c{cfg['c']}", results, cols, env,
+    stem = f"models-{cfg['backbone']}-{cfg['image_size']}-c{cfg['c']}"
+    path = H.write_rows_csv(args.out, stem, results, cols, env,
                            {k: cfg[k] for k in ("backbone", "image_size", "c", "infer_batch", "train_batch")})
     print(f"CSV: {path}")
     return 1 if any(r.get("error") for r in results.values()) else 0

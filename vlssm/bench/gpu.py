@@ -1,4 +1,4 @@
-"""``vlssm bench --device cuda``: the GPU benchmark of QMVL and its baselines.
+"""``vlssm bench gpu``: the GPU benchmark of QMVL and its baselines.
 
 Providers (all with the same seeded weights and inputs; each QMVL-like
 provider computes ``(x_rf, t_rf)`` from ``x`` (B, M, d) and ``t`` (B, C, d)):
@@ -24,11 +24,8 @@ columns; "-" when capture failed, with the reason in ``error``); peak memory
 The sanity check compares every provider's ``y`` (no residual) with
 ``fused-cuda`` (or the first provider).
 
-The scan kernels alone: ``fork_scan`` forward at both blocks' shapes
-(label block: prefix X, suffix T; visual block: prefix T, suffix X), their
-achieved bandwidth = bytes every operand read once + every output written once
-over the median time, and that as a fraction of the measured device-to-device
-copy bandwidth (a large ``copy_``, bytes read + written).
+The scan kernels alone (fork_scan bandwidth against a device copy) are
+``vlssm bench scan --device cuda``.
 
 Default sweep (MVLR at 448 px): B=32, M in (196, 784), C in (20, 80), d=512,
 N=16, float32 and bfloat16. Output: one CSV per run under ``--out`` and a
@@ -37,16 +34,21 @@ short table.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import statistics
 import sys
 import time
 import traceback
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-__all__ = ["GPU_PROVIDERS", "GPU_CSV_COLUMNS", "run"]
+from .._argtypes import positive_int
+from . import _harness as H
+from ._harness import capture_graph, cuda_time_ms
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+__all__ = ["GPU_PROVIDERS", "GPU_CSV_COLUMNS", "add_arguments", "run", "cuda_time_ms", "capture_graph"]
 
 #: provider name -> (kind, QMVL kwargs)
 GPU_PROVIDERS: Dict[str, Dict[str, Any]] = {
@@ -66,59 +68,26 @@ GPU_CSV_COLUMNS = [
     "peak_mem_mb", "peak_mem_fwdbwd_increase_mb", "max_rel_diff", "error",
 ]
 
-SCAN_CSV_COLUMNS = [
-    "date_utc", "device_name", "driver", "torch", "cuda", "triton", "dtype", "batch", "m", "c", "block", "prefix_len",
-    "suffix_len", "dim", "d_state", "backend", "fwd_us", "bytes_mb", "gbps", "copy_gbps", "frac_of_copy", "bwd_us",
-    "bwd_det_us", "error",
-]
+def add_arguments(p: argparse.ArgumentParser, common: bool = True) -> argparse.ArgumentParser:
+    """The GPU sweep's options (``--gpu-*`` and the QMVL layer's batch, width and state size)."""
+    gp = p.add_argument_group("GPU sweep")
+    gp.add_argument("--gpu-providers", type=H.choice_list(list(GPU_PROVIDERS), "provider"),
+                    default=list(GPU_PROVIDERS),
+                    help=f"comma list of {','.join(GPU_PROVIDERS)} (default all; mamba-ssm only where it imports)")
+    gp.add_argument("--gpu-m", type=H.int_list, default=[196, 784], help="visual token counts M (default 196,784)")
+    gp.add_argument("--gpu-c", type=H.int_list, default=[20, 80], help="label counts C (default 20,80)")
+    gp.add_argument("--gpu-dtypes", type=H.choice_list(H.DTYPES, "dtype"), default=["float32", "bfloat16"],
+                    help="comma list of dtypes (default float32,bfloat16)")
+    gp.add_argument("--batch", type=positive_int, default=32, help="images per batch B (default 32)")
+    gp.add_argument("--d", type=positive_int, default=512, help="token width d_model (default 512)")
+    gp.add_argument("--d-state", type=positive_int, default=16, help="SSM state size N (default 16)")
+    if common:
+        H.add_common_arguments(p, reps=20, devices=("cuda",), memory=False)
+        p.set_defaults(device="cuda")
+    return p
 
 
 # ----------------------------------------------------------------------------- timing
-
-def cuda_time_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
-    """Median of ``reps`` CUDA-event timings of ``fn`` (after ``warmup`` calls), in ms."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], None]:
-    """Capture ``fn`` (static inputs and outputs) in a CUDA graph; returns its replay."""
-    import torch
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g.replay
-
-
-def copy_bandwidth_gbps(nbytes: int = 1 << 30, reps: int = 20) -> float:
-    """Device-to-device copy bandwidth (bytes read + written), GB/s."""
-    import torch
-
-    src = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), reps)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
 
 # ----------------------------------------------------------------------------- providers
 
@@ -154,7 +123,7 @@ def build_provider(name: str, d: int, d_state: int, dtype: torch.dtype, seed: in
 
 # ----------------------------------------------------------------------------- one provider
 
-def bench_provider(name: str, cfg: Dict[str, Any], x, t, gx, gt) -> Dict[str, Any]:
+def _bench_one(name: str, cfg: Dict[str, Any], x, t, gx, gt) -> Dict[str, Any]:
     import torch
 
     res: Dict[str, Any] = {"provider": name, "error": ""}
@@ -195,72 +164,6 @@ def bench_provider(name: str, cfg: Dict[str, Any], x, t, gx, gt) -> Dict[str, An
     return res
 
 
-# ----------------------------------------------------------------------------- scan kernels alone
-
-def fork_scan_inputs(b: int, p: int, s: int, E: int, N: int, dtype: torch.dtype, seed: int):
-    """Random fork_scan operands at a QMVL block's shape (token-major, like the layer makes them)."""
-    import torch
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    L = p + 2 * s
-    rn = lambda *sh, scale=1.0: (torch.randn(*sh, generator=g, device="cuda") * scale).to(dtype)  # noqa: E731
-    A = -torch.rand(E, N, generator=g, device="cuda").add(0.5)
-    return dict(u=rn(b, L, E), delta=rn(b, L, E, scale=0.5), A=A, B=rn(b, L, N), C=rn(b, L, N),
-                D=torch.randn(E, generator=g, device="cuda"), z=rn(b, s, E),
-                delta_bias=torch.randn(E, generator=g, device="cuda") * 0.5 - 2.0)
-
-
-def fork_scan_bytes(b: int, p: int, s: int, E: int, N: int, dtype: torch.dtype) -> int:
-    """Bytes fork_scan's forward must move: operands read once, outputs written once."""
-    import torch
-
-    from .ops._schema import num_checkpoints
-
-    e = torch.finfo(dtype).bits // 8
-    L = p + 2 * s
-    acc = 8 if dtype == torch.float64 else 4
-    read = (2 * b * L * E + 2 * b * L * N + b * s * E) * e + (E * N + 2 * E) * acc  # u, delta, B, C, z, A, D, bias
-    nck = num_checkpoints(p) + 2 * num_checkpoints(s)
-    written = b * s * E * e + b * s * E * acc + b * E * nck * N * acc  # out, ysum, checkpoints
-    return read + written
-
-
-def bench_scan(cfg: Dict[str, Any], dtype: torch.dtype, copy_gbps: float) -> List[Dict[str, Any]]:
-    import torch
-
-    rows = []
-    b, M, C, E, N = cfg["batch"], cfg["m"], cfg["c"], 2 * cfg["d"], cfg["d_state"]
-    for block, (p, s) in (("label", (M, C)), ("visual", (C, M))):
-        for backend, op in (("cuda", "fork_scan"), ("triton", "fork_scan_triton")):
-            row: Dict[str, Any] = dict(m=M, c=C, block=block, prefix_len=p, suffix_len=s, dim=E, d_state=N,
-                                       backend=backend, copy_gbps=copy_gbps, error="")
-            try:
-                fn = getattr(torch.ops.vlssm, op)
-                a = fork_scan_inputs(b, p, s, E, N, dtype, cfg["seed"])
-                args = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], p, True)
-                us = cuda_time_ms(lambda: fn(*args), cfg["reps"]) * 1e3
-                nbytes = fork_scan_bytes(b, p, s, E, N, dtype)
-                row.update(fwd_us=us, bytes_mb=nbytes / 1e6, gbps=nbytes / (us * 1e-6) / 1e9)
-                row["frac_of_copy"] = row["gbps"] / copy_gbps
-                # The backward alone, by default and under torch.use_deterministic_algorithms(True) (CUDA:
-                # partial sums instead of atomics; torch then also NaN-fills new allocations, as a user sees it)
-                out, ysum, ck = fn(*args)
-                bwd = getattr(torch.ops.vlssm, op.replace("fork_scan", "fork_scan_backward"))
-                bargs = (torch.randn_like(out), *args[:8], ysum, ck, p, True)
-                row["bwd_us"] = cuda_time_ms(lambda: bwd(*bargs), cfg["reps"]) * 1e3
-                prev = (torch.are_deterministic_algorithms_enabled(),
-                        torch.is_deterministic_algorithms_warn_only_enabled())
-                torch.use_deterministic_algorithms(True)
-                try:
-                    row["bwd_det_us"] = cuda_time_ms(lambda: bwd(*bargs), cfg["reps"]) * 1e3
-                finally:
-                    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-            rows.append(row)
-    return rows
-
-
 # ----------------------------------------------------------------------------- driver
 
 def _env(mamba_ssm_version: Optional[str]) -> Dict[str, Any]:
@@ -286,27 +189,19 @@ def _env(mamba_ssm_version: Optional[str]) -> Dict[str, Any]:
     }
 
 
-def _write_csv(path: str, cols: List[str], rows: List[Dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols})
-
-
 def _fmt(v, spec="8.3f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and v != "" else f"{'-':>8}"
 
 
 def run(args: argparse.Namespace) -> int:
-    """The GPU sweep for parsed ``vlssm bench`` arguments; returns the exit code."""
+    """The GPU sweep for parsed ``vlssm bench gpu`` arguments; returns the exit code."""
     import torch
 
-    if not torch.cuda.is_available():
-        print("vlssm bench: error: --device cuda: CUDA is not available", file=sys.stderr)
+    err = H.check_device("cuda", "vlssm bench gpu")
+    if err:
+        print(err, file=sys.stderr)
         return 2
     import vlssm.ops  # noqa: F401  (registers the kernels)
-    from .bench import _max_rel_diff, _torch_dtype
 
     t0 = time.time()
     providers = [p for p in args.gpu_providers]
@@ -314,15 +209,12 @@ def run(args: argparse.Namespace) -> int:
     if "mamba-ssm" in providers and ssm_version is None:
         print(f"[bench] mamba-ssm provider skipped: {ssm_reason}", file=sys.stderr)
         providers.remove("mamba-ssm")
-    copy_gbps = copy_bandwidth_gbps()
-    print(f"[bench] device copy bandwidth {copy_gbps:.0f} GB/s (read + write)", file=sys.stderr)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     env = _env(ssm_version)
     all_rows: List[Dict[str, Any]] = []
-    scan_rows: List[Dict[str, Any]] = []
     rc = 0
     for dtype_name in args.gpu_dtypes:
-        dtype = _torch_dtype(dtype_name)
+        dtype = H.torch_dtype(dtype_name)
         for M in args.gpu_m:
             for C in args.gpu_c:
                 cfg = dict(batch=args.batch, m=M, c=C, d=args.d, d_state=args.d_state, reps=args.reps,
@@ -335,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                 for p in providers:
                     print(f"[{time.time() - t0:7.1f}s] {dtype_name} M={M} C={C} {p}", file=sys.stderr, flush=True)
                     try:
-                        results[p] = bench_provider(p, cfg, x, t, gx, gt)
+                        results[p] = _bench_one(p, cfg, x, t, gx, gt)
                     except Exception as e:
                         traceback.print_exc()
                         results[p] = {"provider": p, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
@@ -348,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
                     row = dict(env, dtype=dtype_name, batch=B, m=M, c=C, d=d, d_state=args.d_state, provider=p)
                     row.update({k: r.get(k, "") for k in GPU_CSV_COLUMNS if k in r and k != "y"})
                     if "y" in r and ref_name and GPU_PROVIDERS[p]["kind"] in ("qmvl", "mamba_ssm"):
-                        row["max_rel_diff"] = max(_max_rel_diff(a, b) for a, b in zip(r["y"], results[ref_name]["y"]))
+                        row["max_rel_diff"] = max(H.max_rel_diff(a, b) for a, b in zip(r["y"], results[ref_name]["y"]))
                     fb = r.get("fwdbwd_ms")
                     if fb:
                         for other, col in (("mamba-ssm", "fwdbwd_speedup_vs_mamba_ssm"),
@@ -358,19 +250,15 @@ def run(args: argparse.Namespace) -> int:
                         if base("sdpa-self", "fwdbwd_ms"):
                             row["fwdbwd_ratio_vs_sdpa_self"] = fb / base("sdpa-self", "fwdbwd_ms")
                     all_rows.append(row)
-                del results
-                for r in bench_scan(cfg, dtype, copy_gbps):
-                    scan_rows.append(dict(env, dtype=dtype_name, batch=B, **r))
+                results.clear()  # frees the outputs before the next shape
     os.makedirs(args.out, exist_ok=True)
     tag = f"cuda-B{args.batch}-d{args.d}-{stamp}"
     qpath = os.path.join(args.out, f"qmvl-gpu-{tag}.csv")
-    spath = os.path.join(args.out, f"scan-gpu-{tag}.csv")
-    _write_csv(qpath, GPU_CSV_COLUMNS, all_rows)
-    _write_csv(spath, SCAN_CSV_COLUMNS, scan_rows)
+    H.write_csv(qpath, all_rows, GPU_CSV_COLUMNS)
 
     print(f"QMVL GPU benchmark: {env['device_name']} (driver {env['driver']}), torch {env['torch']}, CUDA "
           f"{env['cuda']}, triton {env['triton']}, mamba_ssm {env['mamba_ssm'] or 'unavailable: ' + ssm_reason}, "
-          f"{env['date_utc']}; copy bandwidth {copy_gbps:.0f} GB/s")
+          f"{env['date_utc']}")
     print("times: median ms of CUDA events; 'graph' = CUDA-graph replay; x = speed-up, ratio = time / sdpa-self")
     head = (f"{'dtype':<9}{'M':>5}{'C':>4}  {'provider':<13}{'fwd':>8}{'f+b':>8}{'fwd gr':>8}{'f+b gr':>8}"
             f"{'x mamba':>8}{'x unf':>8}{'/sdpa':>8}{'MB':>8}{'diff':>10}  error")
@@ -382,17 +270,7 @@ def run(args: argparse.Namespace) -> int:
               f"{_fmt(r.get('fwdbwd_speedup_vs_unfused_cuda'), '8.2f')}"
               f"{_fmt(r.get('fwdbwd_ratio_vs_sdpa_self'), '8.2f')}{_fmt(r.get('peak_mem_mb'), '8.0f')}"
               f"{_fmt(r.get('max_rel_diff'), '10.2e')}  {r.get('error', '')}")
-    print()
-    print(f"fork_scan alone: forward (bytes read + written once; copy {copy_gbps:.0f} GB/s), backward by default "
-          "and under torch.use_deterministic_algorithms(True):")
-    print(f"{'dtype':<9}{'M':>5}{'C':>4}  {'block':<7}{'backend':<8}{'us':>9}{'MB':>8}{'GB/s':>8}{'of copy':>8}"
-          f"{'bwd us':>9}{'det us':>9}  error")
-    for r in scan_rows:
-        print(f"{r['dtype']:<9}{r['m']:>5}{r['c']:>4}  {r['block']:<7}"
-              f"{r['backend']:<8}{_fmt(r.get('fwd_us'), '9.1f')}{_fmt(r.get('bytes_mb'), '8.1f')}"
-              f"{_fmt(r.get('gbps'), '8.0f')}{_fmt(r.get('frac_of_copy'), '8.2f')}"
-              f"{_fmt(r.get('bwd_us'), '9.1f')}{_fmt(r.get('bwd_det_us'), '9.1f')}  {r.get('error', '')}")
-    print(f"results: {qpath} {spath}")
-    if any(r.get("error") and "capture" not in r["error"] for r in all_rows + scan_rows):
+    print(f"results: {qpath}")
+    if any(r.get("error") and "capture" not in r["error"] for r in all_rows):
         rc = 1
     return rc

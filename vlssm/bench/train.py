@@ -1,4 +1,4 @@
-"""``vlssm bench --workload train``: training throughput, and whether data loading keeps up.
+"""``vlssm bench train``: training throughput, and whether data loading keeps up.
 
 Rows (each in a fresh subprocess; random weights, nothing downloaded), at two shapes:
 
@@ -24,21 +24,43 @@ one CSV in ``--out`` with the device and versions.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from typing import Any, Dict
 
+from .._argtypes import positive_int
+from . import _harness as H
+
+ROWS = ("loader-demo", "step-demo-default", "step-demo-reference", "loader-real", "step-real-default",
+        "step-real-reference")
+
+
+def add_arguments(p, common: bool = True):
+    """The training-throughput workload's options and the shared run options."""
+    gt = p.add_argument_group("training throughput")
+    gt.add_argument("--train-backbone", default="RN101", help="backbone of the real-shape rows (default RN101)")
+    gt.add_argument("--train-image-size", type=positive_int, default=448, help="their image side (default 448)")
+    gt.add_argument("--train-batch", type=positive_int, default=32, help="their batch (default 32, the paper's)")
+    gt.add_argument("--train-reps", type=positive_int, default=2, help="timed real-shape steps (default 2)")
+    gt.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader worker processes of the loader rows (default min(4, CPUs))")
+    gt.add_argument("--loader-batches", type=positive_int, default=8, help="timed loader batches (default 8)")
+    gt.add_argument("--train-rows", type=H.choice_list(ROWS, "row"), default=list(ROWS),
+                    help=f"comma list of {','.join(ROWS)} (default all)")
+    if common:
+        H.add_common_arguments(p, devices=("cpu",), dtypes=("float32",))
+    return p
+
 
 
 def _shape(cfg: Dict[str, Any], row: str) -> Dict[str, Any]:
-    from .bench_models import classnames
-    from .data import DigitMosaics
+    from ..data import DigitMosaics
+    from ..data.coco import coco_classnames
 
     if row.endswith("demo") or "-demo-" in row:
         return {"backbone": "vlssm-demo-RN", "image_size": 64, "classnames": list(DigitMosaics.CLASSNAMES),
                 "batch": 32}
-    return {"backbone": cfg["backbone"], "image_size": cfg["image_size"], "classnames": classnames(80),
+    return {"backbone": cfg["backbone"], "image_size": cfg["image_size"], "classnames": coco_classnames(80),
             "batch": cfg["batch"]}
 
 
@@ -48,8 +70,8 @@ def _real_dataset(folder: str, image_size: int, n: int = 64):
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from .bench_models import classnames
-    from .data import ListDataset, build_transform
+    from ..data import ListDataset, build_transform
+    from ..data.coco import coco_classnames
 
     rng = np.random.default_rng(0)
     photos = [load_sample_image(f) for f in ("china.jpg", "flower.jpg")]
@@ -62,15 +84,13 @@ def _real_dataset(folder: str, image_size: int, n: int = 64):
         lines.append(f"{i}.jpg {i % 80} {(7 * i) % 80}")
     with open(os.path.join(folder, "train.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    return ListDataset(os.path.join(folder, "train.txt"), folder, classnames(80),
+    return ListDataset(os.path.join(folder, "train.txt"), folder, coco_classnames(80),
                        transform=build_transform(image_size, train=True, augment="default"))
 
 
 def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """One row in this process (the subprocess worker of vlssm.bench calls it)."""
     import torch
-
-    from .bench import _log, _time_phase
 
     row, t0 = cfg["provider"], cfg["t0"]
     if cfg.get("threads"):
@@ -81,7 +101,7 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if row.startswith("loader-"):
         with tempfile.TemporaryDirectory() as tmp:
             if row == "loader-demo":
-                from .data import DigitMosaics, build_transform
+                from ..data import DigitMosaics, build_transform
 
                 ds = DigitMosaics("train", image_size=S, transform=build_transform(S, train=True, augment="none"))
             else:
@@ -97,9 +117,9 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 n += x.shape[0]
             dt = time.perf_counter() - s
         res.update(images_per_s=n / dt, ms=1e3 * dt / max(1, n // B), reps=n // B, workers=cfg["workers"])
-        _log(t0, f"{row:<20} {res['images_per_s']:9.1f} images/s ({cfg['workers']} workers)")
+        H.log(t0, f"{row:<20} {res['images_per_s']:9.1f} images/s ({cfg['workers']} workers)")
         return res
-    from .models import create_model
+    from ..models import create_model
 
     over = {"backend": "reference", "fused": False} if row.endswith("reference") else {}
     torch.manual_seed(cfg["seed"])
@@ -115,10 +135,10 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
         opt.step()
 
     reps = cfg["reps"] if "-demo-" in row else cfg["train_reps"]
-    _log(t0, f"{row:<20} {reps} rep(s) + {cfg['warmup']} warm-up at batch {B}")
-    t = _time_phase(fn, reps, cfg["warmup"], cfg["budget"], "cpu")
+    H.log(t0, f"{row:<20} {reps} rep(s) + {cfg['warmup']} warm-up at batch {B}")
+    t = H.time_phase(fn, reps, cfg["warmup"], cfg["budget"], "cpu")
     res.update(ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, reps=t["reps"], images_per_s=B / t["median_s"])
-    _log(t0, f"{row:<20} median {res['ms']:10.1f} ms a step, {res['images_per_s']:.1f} images/s")
+    H.log(t0, f"{row:<20} median {res['ms']:10.1f} ms a step, {res['images_per_s']:.1f} images/s")
     return res
 
 
@@ -138,32 +158,24 @@ def _ratios(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
 def run(args) -> int:
     """Run ``args.train_rows`` (each in a subprocess unless ``--no-memory``); prints the table and
     the ratios, writes one CSV to ``args.out``; returns 1 when a row failed."""
-    from .bench import _bench_in_subprocess_or_here, _fmt, _log, _machine_columns, _write_rows_csv
-
-    if args.device != "cpu":
-        print("vlssm bench: error: --workload train runs on the CPU only for now", file=sys.stderr)
-        return 2
-    cfg = {"workload": "train", "t0": time.time(), "threads": args.threads, "seed": args.seed,
+    cfg = {"workload": "train", "worker": __name__, "t0": time.time(), "threads": args.threads, "seed": args.seed,
            "backbone": args.train_backbone, "image_size": args.train_image_size, "batch": args.train_batch,
            "reps": args.reps, "train_reps": args.train_reps, "warmup": args.warmup, "budget": args.budget,
            "workers": args.workers, "loader_batches": args.loader_batches, "memory": args.memory,
            "device": "cpu", "dtype": "float32"}
-    _log(cfg["t0"], f"train: rows {','.join(args.train_rows)}")
-    results = {row: _bench_in_subprocess_or_here(cfg, row) for row in args.train_rows}
-    env = _machine_columns(cfg)
-    lines = [f"{'row':<22}{'backbone':>14}{'S':>5}{'batch':>6}{'ms/step':>11}{'images/s':>10}{'reps':>6}"]
-    for row, r in results.items():
-        if r.get("error"):
-            lines.append(f"{row:<22}FAILED: {r['error']}")
-            continue
-        lines.append(f"{row:<22}{r['backbone']:>14}{r['image_size']:>5}{r['batch']:>6}{_fmt(r.get('ms'), '.1f'):>11}"
-                     f"{_fmt(r.get('images_per_s'), '.1f'):>10}{r['reps']:>6}")
+    H.log(cfg["t0"], f"train: rows {','.join(args.train_rows)}")
+    results = {row: H.run_row(cfg, row) for row in args.train_rows}
+    env = H.machine_columns(cfg)
+    rows = [dict(r, row=row) for row, r in results.items()]
+    table = H.format_table(rows, [("row", "row", "s"), ("backbone", "backbone", "s"), ("S", "image_size", "d"),
+                                  ("batch", "batch", "d"), ("ms/step", "ms", ".1f"),
+                                  ("images/s", "images_per_s", ".1f"), ("reps", "reps", "d")])
     print(f"Training throughput, MVLR, float32, {env['device_name']}, {env['cpu_threads']} threads, "
           f"loader workers {args.workers}")
-    print("\n".join(lines))
+    print(table)
     for k, v in _ratios(results).items():
-        print(f"{k}: {_fmt(v, '.2f')}")
+        print(f"{k}: {H.fmt(v, '.2f')}")
     cols = ["row", "backbone", "image_size", "batch", "ms", "min_ms", "images_per_s", "reps", "workers", "error"]
-    path = _write_rows_csv(args.out, f"train-{args.train_backbone}-{args.train_image_size}", results, cols, env)
+    path = H.write_rows_csv(args.out, f"train-{args.train_backbone}-{args.train_image_size}", results, cols, env)
     print(f"CSV: {path}")
     return 1 if any(r.get("error") for r in results.values()) else 0

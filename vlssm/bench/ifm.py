@@ -1,6 +1,6 @@
 """IFM benchmark: vlssm's fused IFM vs the plain-PyTorch IFM, over a sweep of shapes.
 
-Run it as ``vlssm bench --workload ifm`` (part of the default ``--workload all``).
+Run it as ``vlssm bench ifm`` (part of the default ``vlssm bench``).
 Providers, both on the same seeded :class:`vlssm.IFM` weights and inputs:
 
 - ``fused``: ``IFM(backend="auto")``: attention_with_probs (one pass returning
@@ -21,17 +21,15 @@ launches, total and outside the GEMMs of the projections (torch.profiler).
 """
 from __future__ import annotations
 
-import csv
 import os
-import sys
 import time
 import traceback
-from datetime import datetime, timezone
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
-from . import bench as _b
+from .._argtypes import positive_int
+from . import _harness as H
 
-__all__ = ["PROVIDERS", "CSV_COLUMNS", "ifm_macs", "run"]
+__all__ = ["PROVIDERS", "CSV_COLUMNS", "ifm_macs", "add_arguments", "bench_provider", "run"]
 
 PROVIDERS = ("fused", "naive")
 
@@ -43,6 +41,23 @@ CSV_COLUMNS = [
     "peak_mem_mb", "peak_mem_fwd_increase_mb", "peak_mem_fwdbwd_increase_mb", "mem_kind",
     "max_rel_diff_vs_naive", "error",
 ]
+
+
+def add_arguments(p, common: bool = True, prefix: str = ""):
+    """The IFM sweep's options: ``--c`` / ``--m`` lists, ``--heads``, ``--batch``, ``--d`` (``prefix``
+    ``"ifm-"`` names them ``--ifm-c`` / ``--ifm-m`` beside the QMVL options of the default run)."""
+    g = p.add_argument_group("IFM sweep")
+    g.add_argument(f"--{prefix}c", dest="ifm_c", type=H.int_list, default=[20, 80, 1000],
+                   help="label counts C to sweep, comma-separated (default 20,80,1000)")
+    g.add_argument(f"--{prefix}m", dest="ifm_m", type=H.int_list, default=[196, 784],
+                   help="visual token counts M to sweep, comma-separated (default 196,784)")
+    g.add_argument("--heads", type=positive_int, default=1, help="IFM attention heads (default 1)")
+    if common:
+        g.add_argument("--batch", type=positive_int, default=None, help="images per batch B (default 4 on cpu, "
+                       "32 on cuda)")
+        g.add_argument("--d", type=positive_int, default=512, help="token width d (default 512)")
+        H.add_common_arguments(p)
+    return p
 
 
 def ifm_macs(B: int, M: int, C: int, d: int, heads: int = 1, *, fused: bool, mlp_hidden=None) -> int:
@@ -74,7 +89,7 @@ def _make(cfg: Dict[str, Any]):
 
     import vlssm
 
-    dt, dev = _b._torch_dtype(cfg["dtype"]), torch.device(cfg["device"])
+    dt, dev = H.torch_dtype(cfg["dtype"]), torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     model = vlssm.IFM(cfg["d"], heads=cfg["heads"], backend="auto", device=dev, dtype=dt)
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
@@ -142,22 +157,22 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
     for p in params:
         p.grad = None
     del out
-    _b._sync(device)
+    H.sync(device)
     if device == "cuda":
         fwd()
         res.update(_count_cuda_kernels(fwd))
 
-    mem = _b._PhaseMemory(device, res, detailed_kind=False) if cfg["memory"] else None
+    mem = H.PhaseMemory(device, res, detailed_kind=False) if cfg["memory"] else None
     label = f"C={cfg['c']} M={cfg['m']} {provider:<5}"
-    tf = _b._time_phase(fwd, cfg["reps"], cfg["warmup"], cfg["budget"], device)
+    tf = H.time_phase(fwd, cfg["reps"], cfg["warmup"], cfg["budget"], device)
     res.update(fwd_ms=tf["median_s"] * 1e3, fwd_reps=tf["reps"])
     if mem:
         mem.end_phase("fwd")
-    tb = _b._time_phase(fwdbwd, cfg["reps"], cfg["warmup"], cfg["budget"], device)
+    tb = H.time_phase(fwdbwd, cfg["reps"], cfg["warmup"], cfg["budget"], device)
     res.update(fwdbwd_ms=tb["median_s"] * 1e3, fwdbwd_reps=tb["reps"])
     if mem:
         mem.end_phase("fwdbwd", last=True)
-    _b._log(t0, f"ifm {label} fwd {res['fwd_ms']:9.2f} ms  fwd+bwd {res['fwdbwd_ms']:9.2f} ms")
+    H.log(t0, f"ifm {label} fwd {res['fwd_ms']:9.2f} ms  fwd+bwd {res['fwdbwd_ms']:9.2f} ms")
     return res
 
 
@@ -169,47 +184,34 @@ def _sanity(cfg: Dict[str, Any]) -> float:
     with torch.no_grad():
         a = _forward_fn(model, "fused")(x, t_hard, t_soft)
         b = _forward_fn(model, "naive")(x, t_hard, t_soft)
-    return max(_b._max_rel_diff(u, v) for u, v in zip(a, b))
+    return max(H.max_rel_diff(u, v) for u, v in zip(a, b))
 
 
 def _table(rows: List[Dict[str, Any]]) -> str:
     cols = [("C", "c", "d"), ("M", "m", "d"), ("provider", "provider", "s"), ("backend", "backend", "s"),
             ("fwd ms", "fwd_ms", ".2f"), ("fwd+bwd ms", "fwdbwd_ms", ".2f"),
             ("fwd x naive", "fwd_speedup_vs_naive", ".2f"), ("f+b x naive", "fwdbwd_speedup_vs_naive", ".2f"),
-            ("GMAC fwd", "gmac_fwd", ".3g"), ("kernels", "cuda_kernels_fwd", "d"),
+            ("GMACs fwd", "gmac_fwd", ".3g"), ("kernels", "cuda_kernels_fwd", "d"),
             ("non-GEMM", "cuda_kernels_fwd_non_gemm", "d"),
             ("peak MB", "peak_mem_mb", ".0f"), ("+fwd MB", "peak_mem_fwd_increase_mb", ".0f"),
             ("+f+b MB", "peak_mem_fwdbwd_increase_mb", ".0f")]
-    cells = [[h for h, _, _ in cols]]
-    for r in rows:
-        if r.get("error"):
-            cells.append([str(r["c"]), str(r["m"]), r["provider"], "FAILED: " + r["error"]])
-        else:
-            cells.append([_b._fmt(r.get(k), s) for _, k, s in cols])
-    widths = [max(len(c[i]) for c in cells if len(c) == len(cols)) for i in range(len(cols))]
-    lines = []
-    for i, c in enumerate(cells):
-        if len(c) != len(cols):
-            lines.append("  ".join(c))
-            continue
-        lines.append("  ".join(v.ljust(w) if 2 <= j < 4 else v.rjust(w) for j, (v, w) in enumerate(zip(c, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return H.format_table(rows, cols, left=(2, 3))
 
 
 def run(args) -> int:
     """The IFM sweep for parsed ``vlssm bench`` arguments; returns the exit code."""
+    if args.batch is None:
+        args.batch = 32 if args.device == "cuda" else 4
     t0 = time.time()
     cfg0 = {k: getattr(args, k) for k in ("batch", "d", "heads", "dtype", "device", "reps", "warmup", "budget",
                                           "threads", "seed", "memory")}
-    cfg0.update(t0=t0, workload="ifm", d_state=0, shared_labels=True)
-    env = _b._env_columns(dict(cfg0, m=0, c=0))
+    cfg0.update(t0=t0, workload="ifm", worker=__name__)
+    env = dict(H.machine_columns(cfg0), batch=args.batch, d=args.d)
     shapes = [(c, m) for c in args.ifm_c for m in args.ifm_m]
-    _b._log(t0, f"IFM benchmark B={args.batch} d={args.d} heads={args.heads} {args.dtype} on {args.device}: "
+    H.log(t0, f"IFM benchmark B={args.batch} d={args.d} heads={args.heads} {args.dtype} on {args.device}: "
                 f"(C, M) in {shapes}; providers {', '.join(PROVIDERS)}")
     rows: List[Dict[str, Any]] = []
-    tol = _b.TOLERANCE[args.dtype]
+    tol = H.TOLERANCE[args.dtype]
     bad: List[str] = []
     for c, m in shapes:
         cfg = dict(cfg0, c=c, m=m)
@@ -222,7 +224,7 @@ def run(args) -> int:
             bad.append(f"C={c} M={m}: fused vs naive max rel diff {diff:.3e} > {tol:g}")
         results = {}
         for p in PROVIDERS:
-            results[p] = _b._bench_in_subprocess_or_here(cfg, p)
+            results[p] = H.run_row(cfg, p)
         for p, r in results.items():
             row = dict(env, m=m, c=c, heads=args.heads, provider=p, backend=r.get("backend", ""),
                        error=r.get("error", ""), max_rel_diff_vs_naive=0.0 if p == "naive" else diff,
@@ -239,16 +241,10 @@ def run(args) -> int:
                 bad.append(f"C={c} M={m} {p}: {row['error']}")
             rows.append({k: row.get(k, "") for k in CSV_COLUMNS})
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(args.out, f"ifm-{args.device}-{args.dtype}-B{args.batch}-d{args.d}-h{args.heads}-{stamp}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    print(f"IFM benchmark  B={args.batch} d={args.d} heads={args.heads} {args.dtype}\n"
-          f"device {args.device}: {env['device_name']}, {env['cpu_threads']} threads | torch {env['torch']} | "
-          f"{env['date_utc']}\n")
+    name = f"ifm-{args.device}-{args.dtype}-B{args.batch}-d{args.d}-h{args.heads}-{H.stamp()}.csv"
+    path = H.write_csv(os.path.join(args.out, name), rows, CSV_COLUMNS)
+    print(H.header(f"IFM benchmark  B={args.batch} d={args.d} heads={args.heads} {args.dtype}", env))
+    print()
     print(_table(rows))
     print()
     print("fused = vlssm.IFM (auto backend); naive = the paper's formulas in plain torch (vlssm.reference.ifm); "
@@ -258,12 +254,3 @@ def run(args) -> int:
         print(f"FAILED: {msg}")
     print(f"results: {path}")
     return 1 if bad else 0
-
-
-def main(argv: Sequence[str] = ()) -> int:  # pragma: no cover - convenience
-    args = _b.build_parser().parse_args(["--workload", "ifm", *argv])
-    return _b.run(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))
