@@ -26,7 +26,7 @@ for the discretisation — plus one FLOP per (token, channel) for the D skip
 and one for the SiLU(z) gate. LayerNorm, SiLU/softplus, biases and the
 residual adds are not counted (< 1 % here, and the same for both paths).
 
-The literal composition (section 1 of DESIGN.md) runs four sequences of
+The literal composition (docs/design.md section 1) runs four sequences of
 ``M + C`` tokens through full Mamba mixers: each block twice, every op over
 every token. The fused path (section 2) runs, per block with prefix length p
 and suffix length s, in_proj over p + s tokens, the conv / x_proj / dt_proj /
@@ -36,16 +36,27 @@ s = C; visual_block has p = C, s = M.
 
 At d_model = 512, M = 196, C = 80 (defaults d_state = 16, d_conv = 4,
 expand = 2) this gives 3.86 GFLOP per image unfused and 1.74 fused (2.22x).
+
+Units: every count here is in FLOPs with a multiply-add counted as 2 (torch's
+``torch.utils.flop_counter`` convention). Papers and fvcore / thop usually
+report multiply-accumulates ("FLOPs" there, GMACs here): half these numbers
+(1.74 GFLOPs = 0.87 GMACs).
+
+:func:`count_flops` measures instead of modelling: it runs a function under
+``torch.utils.flop_counter.FlopCounterMode``, which counts vlssm's custom ops
+through the formulas of :mod:`vlssm.ops.flops` (the same conventions as above),
+and returns a :class:`FlopCount`. On a fused ``vlssm.QMVL`` forward it equals
+``qmvl_flops(..., fused=True).total``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Union
+from typing import Any, Callable, Dict, Union
 
 __all__ = ["FlopBreakdown", "mamba_dims", "mamba_block_flops", "qmvl_flops", "qmvl_flops_per_image",
-           "SCAN_FLOPS_PER_STATE"]
+           "SCAN_FLOPS_PER_STATE", "FlopCount", "count_flops"]
 
 #: FLOPs per (token, channel, state element) of the selective scan.
 SCAN_FLOPS_PER_STATE = 9
@@ -148,5 +159,68 @@ def qmvl_flops(batch: int, m: int, c: int, d_model: int, d_state: int = 16, d_co
 
 
 def qmvl_flops_per_image(m: int = 196, c: int = 80, d_model: int = 512, fused: bool = True, **kw) -> float:
-    """Total forward GFLOP of one QMVL layer per image (DESIGN.md: 3.86 unfused, 1.74 fused)."""
+    """Total forward GFLOPs (multiply-add = 2) of one QMVL layer per image (docs/design.md: 3.86 unfused,
+    1.74 fused); GMACs are half."""
     return qmvl_flops(1, m, c, d_model, fused=fused, **kw).total / 1e9
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """What ``torch.utils.flop_counter.FlopCounterMode`` counted while a function ran (:func:`count_flops`).
+
+    Attributes:
+        flops: total FLOPs, torch's convention (a multiply-add = 2 FLOPs), an int.
+        by_op: op name (``"aten.mm"``, ``"vlssm.fork_scan"``, ...) -> FLOPs; sums to ``flops``.
+        by_module: module name -> FLOPs of everything that ran inside it, its submodules
+            included, forward and backward (FlopCounterMode's ModuleTracker: the root
+            module's class name, then attribute names, e.g. ``"QMVL.label_block.mixer.in_proj"``).
+            Only modules entered through ``module(...)`` (forward hooks) get a row: work in
+            another method (the fused QMVL's ``MambaBlock.fork``) counts for the modules that
+            called it. Empty when no ``nn.Module`` ran.
+    """
+
+    flops: int
+    by_op: Dict[str, int] = dataclasses.field(default_factory=dict)
+    by_module: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def macs(self) -> float:
+        """Multiply-accumulates, ``flops / 2`` (a float: a scan step counts an odd number of FLOPs):
+        the unit papers, fvcore and thop call "FLOPs"."""
+        return self.flops / 2
+
+    @property
+    def gflops(self) -> float:
+        """``flops / 1e9``: GFLOPs, a multiply-add counted as 2."""
+        return self.flops / 1e9
+
+    @property
+    def gmacs(self) -> float:
+        """``macs / 1e9``: GMACs (= the "GFLOPs" of papers that count multiply-adds once)."""
+        return self.macs / 1e9
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> FlopCount:
+    """Run ``fn(*args, **kwargs)`` under ``FlopCounterMode(display=False)`` and return what it counted.
+
+    vlssm's custom ops count through their formulas (:mod:`vlssm.ops.flops`), registered
+    by ``import vlssm.ops``, which this function does before it starts counting.
+    Whatever ``fn`` runs is counted: wrap a forward in ``torch.no_grad()`` yourself, or
+    call ``.backward()`` inside ``fn`` to count forward and backward. The result of
+    ``fn`` is discarded.
+
+    Example::
+
+        c = count_flops(model, x, t)
+        print(f"{c.gflops:.3f} GFLOPs = {c.gmacs:.3f} GMACs")
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .. import ops  # noqa: F401  (registers the formulas; the mode snapshots the registry when built)
+
+    with FlopCounterMode(display=False) as mode:
+        fn(*args, **kwargs)
+    counts = mode.get_flop_counts()
+    by_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
+    by_module = {name: int(sum(ops_.values())) for name, ops_ in counts.items() if name != "Global"}
+    return FlopCount(flops=int(mode.get_total_flops()), by_op=by_op, by_module=by_module)
