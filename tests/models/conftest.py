@@ -1,31 +1,12 @@
-"""Shared set-up of the model tests: tiny open_clip configs under test-only names, so that every
-model builds in milliseconds with random weights (nothing is downloaded), and one intra-op thread.
-
-The configs (registered in open_clip's config registry for the session):
-
-* ``vlssm-test-tiny-RN``: a ModifiedResNet (layers [1, 1, 1, 1], width 16), embed_dim 32, 64 x 64;
-* ``vlssm-test-tiny-ViT``: a ViT (width 64, 2 layers, patch 16), embed_dim 48, 64 x 64;
-* ``vlssm-test-timm-tower``: a timm visual tower (unsupported by the backbone adapter);
-
-each with a 1-layer, width-32 text tower of CLIP's context length and vocabulary (CLIP's BPE
-tokenizer). Tests import nothing from here (``--import-mode=importlib``): they name the configs.
+"""Shared set-up of the model tests: one intra-op thread per module, and the small learnable
+problem of the "it trains" tests. The tiny open_clip configs the model tests name
+(``vlssm-test-tiny-RN``, ``vlssm-test-tiny-ViT``, ``vlssm-test-timm-tower``) are registered for the
+whole session by tests/conftest.py.
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-
-TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-CONFIGS = {
-    "vlssm-test-tiny-RN": {"embed_dim": 32, "text_cfg": TEXT, "vision_cfg": {
-        "image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None}},
-    "vlssm-test-tiny-ViT": {"embed_dim": 48, "text_cfg": TEXT, "vision_cfg": {
-        "image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16}},
-    "vlssm-test-timm-tower": {"embed_dim": 32, "text_cfg": TEXT, "vision_cfg": {
-        "image_size": 224, "timm_model_name": "resnet18", "timm_pool": "avg", "timm_proj": "linear"}},
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,22 +17,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def tiny_configs(tmp_path_factory):
-    """Register the tiny configs in open_clip's config registry (when open_clip is installed)."""
-    try:
-        import open_clip
-    except ImportError:
-        yield
-        return
-    d = tmp_path_factory.mktemp("open_clip_configs")
-    for name, cfg in CONFIGS.items():
-        (d / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(d)
-    assert set(CONFIGS) <= set(open_clip.list_models())
-    yield
 
 
 class _Learnable:

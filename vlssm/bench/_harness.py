@@ -38,7 +38,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from .._argtypes import nonneg_int, positive_float, positive_int
 
 __all__ = [
-    "DTYPES", "TOLERANCE", "log", "torch_dtype", "sync", "time_phase", "cuda_time_ms", "capture_graph",
+    "DTYPES", "TOLERANCE", "log", "torch_dtype", "sync", "time_phase", "time_stats", "cuda_times_ms",
+    "cuda_time_ms", "capture_graph", "is_oom",
     "current_rss_bytes", "peak_bytes", "PhaseMemory", "run_isolated", "run_row", "worker_entry", "max_rel_diff",
     "machine_columns", "header", "stamp", "write_csv", "write_rows_csv", "fmt", "format_table", "int_list",
     "choice_list", "add_common_arguments", "check_device", "seeded_randn",
@@ -111,13 +112,20 @@ def time_phase(fn: Callable[[], Any], reps: int, warmup: int, budget: float, dev
         dt = time.perf_counter() - s
         times.append(dt)
         spent += dt
+    st = time_stats(times)
+    return {"median_s": st["median"], "min_s": st["min"], "max_s": st["max"], "iqr_s": st["iqr"],
+            "reps": st["reps"], "times_s": times}
+
+
+def time_stats(times: Sequence[float]) -> Dict[str, Any]:
+    """``{"median", "min", "max", "iqr", "reps"}`` of a list of timings (in their unit)."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "iqr_s": q[2] - q[0], "reps": len(times), "times_s": times}
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "iqr": q[2] - q[0],
+            "reps": len(times)}
 
 
-def cuda_time_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
-    """Median of ``reps`` CUDA-event timings of ``fn`` (after ``warmup`` calls), in ms."""
+def cuda_times_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> List[float]:
+    """CUDA-event timings (ms) of ``reps`` calls of ``fn`` after ``warmup`` untimed ones."""
     import torch
 
     for _ in range(warmup):
@@ -131,7 +139,12 @@ def cuda_time_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return times
+
+
+def cuda_time_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+    """Median of ``reps`` CUDA-event timings of ``fn`` (after ``warmup`` calls), in ms."""
+    return statistics.median(cuda_times_ms(fn, reps, warmup))
 
 
 def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], None]:
@@ -260,14 +273,15 @@ def _entry_point(cfg: Dict[str, Any]) -> Callable[[Dict[str, Any]], Dict[str, An
     return getattr(importlib.import_module(cfg["worker"]), "bench_provider")
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an out-of-memory error (host or device)."""
     import torch
 
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
 
 
 def _failure(cfg: Dict[str, Any], e: BaseException) -> Dict[str, Any]:
-    kind = "out of memory" if _is_oom(e) else type(e).__name__
+    kind = "out of memory" if is_oom(e) else type(e).__name__
     return {"provider": cfg.get("provider", ""), "error": f"{kind}: {e}"}
 
 
