@@ -39,7 +39,7 @@ from .._argtypes import nonneg_int, positive_float, positive_int
 
 __all__ = [
     "DTYPES", "TOLERANCE", "log", "torch_dtype", "sync", "time_phase", "time_stats", "cuda_times_ms",
-    "cuda_time_ms", "capture_graph", "is_oom",
+    "cuda_time_ms", "capture_graph", "is_oom", "time_fwd_fwdbwd",
     "current_rss_bytes", "peak_bytes", "PhaseMemory", "run_isolated", "run_row", "worker_entry", "max_rel_diff",
     "machine_columns", "header", "stamp", "write_csv", "write_rows_csv", "fmt", "format_table", "int_list",
     "choice_list", "add_common_arguments", "check_device", "seeded_randn",
@@ -264,6 +264,31 @@ class PhaseMemory:
                 self.res[key] = max(0, peak - self.base) / 2**20
             if self.reset and not last:
                 _reset_hwm()
+
+
+def time_fwd_fwdbwd(res: Dict[str, Any], fwd: Callable[[], Any], fwdbwd: Callable[[], Any], cfg: Dict[str, Any],
+                    reps: Tuple[int, int], warmup: Tuple[int, int], label: str = "",
+                    detailed_kind: bool = True) -> Dict[str, Any]:
+    """The two timed phases of a provider, forward then forward+backward, with their peak memory
+    (:class:`PhaseMemory`, when ``cfg["memory"]``), written into ``res``: ``fwd_ms``, ``fwd_min_ms``,
+    ``fwd_reps``, ``fwdbwd_ms``, ``fwdbwd_min_ms``, ``fwdbwd_reps``, ``peak_mem_*``, ``mem_kind``.
+    ``reps`` / ``warmup``: per phase; ``cfg`` gives ``device``, ``budget``, ``memory``, ``t0``; a
+    non-empty ``label`` logs each phase's median."""
+    device = cfg["device"]
+    mem = PhaseMemory(device, res, detailed_kind=detailed_kind) if cfg.get("memory") else None
+    if mem and not mem.cuda:
+        res["rss_before_mb"] = None if mem.base is None else mem.base / 2**20
+    for phase, fn, n, w in (("fwd", fwd, reps[0], warmup[0]), ("fwdbwd", fwdbwd, reps[1], warmup[1])):
+        t = time_phase(fn, n, w, cfg["budget"], device)
+        res.update({f"{phase}_ms": t["median_s"] * 1e3, f"{phase}_min_ms": t["min_s"] * 1e3,
+                    f"{phase}_reps": t["reps"]})
+        if mem:
+            mem.end_phase(phase, last=phase == "fwdbwd")
+        if label:
+            name = "forward" if phase == "fwd" else "forward+backward"
+            log(cfg["t0"], f"{label} {name:<16} median {t['median_s'] * 1e3:10.2f} ms over {t['reps']} rep(s) "
+                           f"(+ {w} warm-up)")
+    return res
 
 
 # ----------------------------------------------------------------------------- isolation

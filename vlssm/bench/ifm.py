@@ -162,16 +162,8 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
         fwd()
         res.update(_count_cuda_kernels(fwd))
 
-    mem = H.PhaseMemory(device, res, detailed_kind=False) if cfg["memory"] else None
     label = f"C={cfg['c']} M={cfg['m']} {provider:<5}"
-    tf = H.time_phase(fwd, cfg["reps"], cfg["warmup"], cfg["budget"], device)
-    res.update(fwd_ms=tf["median_s"] * 1e3, fwd_reps=tf["reps"])
-    if mem:
-        mem.end_phase("fwd")
-    tb = H.time_phase(fwdbwd, cfg["reps"], cfg["warmup"], cfg["budget"], device)
-    res.update(fwdbwd_ms=tb["median_s"] * 1e3, fwdbwd_reps=tb["reps"])
-    if mem:
-        mem.end_phase("fwdbwd", last=True)
+    H.time_fwd_fwdbwd(res, fwd, fwdbwd, cfg, (cfg["reps"],) * 2, (cfg["warmup"],) * 2, detailed_kind=False)
     H.log(t0, f"ifm {label} fwd {res['fwd_ms']:9.2f} ms  fwd+bwd {res['fwdbwd_ms']:9.2f} ms")
     return res
 

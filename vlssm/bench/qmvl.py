@@ -152,24 +152,9 @@ def _bench_provider(cfg: Dict[str, Any], provider: str) -> Dict[str, Any]:
     reps_f = cfg["ref_reps"] if ref else cfg["reps"]
     reps_b = cfg["ref_bwd_reps"] if ref else cfg["reps"]
     warm_b = 0 if ref else cfg["warmup"]
-    mem = H.PhaseMemory(device, res) if cfg["memory"] else None
-    if mem and not mem.cuda:
-        res["rss_before_mb"] = None if mem.base is None else mem.base / 2**20
-
-    H.log(t0, f"{provider:<9} forward          {reps_f} rep(s) + {cfg['warmup']} warm-up ({res['backend']} backend)")
-    tf = H.time_phase(fwd, reps_f, cfg["warmup"], cfg["budget"], device)
-    res.update(fwd_ms=tf["median_s"] * 1e3, fwd_min_ms=tf["min_s"] * 1e3, fwd_reps=tf["reps"])
-    if mem:
-        mem.end_phase("fwd")
-    H.log(t0, f"{provider:<9} forward          median {tf['median_s'] * 1e3:10.2f} ms over {tf['reps']} rep(s)")
-
-    H.log(t0, f"{provider:<9} forward+backward {reps_b} rep(s) + {warm_b} warm-up")
-    tb = H.time_phase(fwdbwd, reps_b, warm_b, cfg["budget"], device)
-    res.update(fwdbwd_ms=tb["median_s"] * 1e3, fwdbwd_min_ms=tb["min_s"] * 1e3, fwdbwd_reps=tb["reps"])
-    if mem:
-        mem.end_phase("fwdbwd", last=True)
-    H.log(t0, f"{provider:<9} forward+backward median {tb['median_s'] * 1e3:10.2f} ms over {tb['reps']} rep(s)")
-    return res
+    H.log(t0, f"{provider:<9} timing: {reps_f} forward and {reps_b} forward+backward rep(s) ({res['backend']} "
+              "backend)")
+    return H.time_fwd_fwdbwd(res, fwd, fwdbwd, cfg, (reps_f, reps_b), (cfg["warmup"], warm_b), label=f"{provider:<9}")
 
 
 def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
