@@ -197,10 +197,19 @@ def test_fork_equals_block_forward_composition(helpers, backend):
 
 
 def test_fork_shared_input_computed_once_and_broadcast(monkeypatch):
-    """A 2-D suffix runs norm + in_proj once on (s, d); z reaches fork_scan as a stride-0 view."""
+    """A 2-D suffix runs norm + in_proj once on (s, d); z reaches fork_scan as a stride-0 view; the
+    prefix is projected to its x half only (its gate half z is never used)."""
     blk = _block(torch.float32)
     calls = []
-    blk.mixer.in_proj.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    linear = torch.nn.functional.linear
+    w_in = blk.mixer.in_proj.weight
+
+    def linear_spy(x, w, b=None):
+        if w.data_ptr() == w_in.data_ptr():  # a slice of in_proj's weight: (rows, d_model)
+            calls.append((tuple(x.shape), w.shape[0]))
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear_spy)
     seen = {}
     real = ops.fork_scan
 
@@ -211,7 +220,8 @@ def test_fork_shared_input_computed_once_and_broadcast(monkeypatch):
     monkeypatch.setattr(ops, "fork_scan", spy)
     out = blk.fork(torch.randn(3, 5, D_MODEL), torch.randn(4, D_MODEL))
     assert out.shape == (3, 4, D_MODEL)
-    assert calls == [(4, D_MODEL), (3, 5, D_MODEL)]  # suffix once (2-D), prefix per image
+    E = 2 * D_MODEL
+    assert calls == [((4, D_MODEL), 2 * E), ((3, 5, D_MODEL), E)]  # suffix once (2-D), x and z; prefix: x
     assert seen["z"].stride(0) == 0 and seen["prefix_len"] == 5
     assert seen["u"].shape == (3, 5 + 2 * 4, 2 * D_MODEL)
     assert seen["B"].shape == (3, 13, D_STATE) and not seen["B"].is_contiguous()  # a view of x_proj's output

@@ -237,15 +237,14 @@ class Mamba(nn.Module):
         batch = _check_fork_inputs(prefix, suffix, self.d_model)
         E, N, R = self.d_inner, self.d_state, self.dt_rank
 
-        def project(h: torch.Tensor) -> torch.Tensor:  # (B|-, n, d) -> (B, n, 2E), view if shared
-            xz = self.in_proj(h)
+        def project(h: torch.Tensor, rows: int) -> torch.Tensor:  # (B|-, n, d) -> (B, n, rows), view if shared
+            w, b = self.in_proj.weight, self.in_proj.bias
+            xz = F.linear(h, w[:rows], None if b is None else b[:rows])
             return xz if xz.dim() == 3 else xz.unsqueeze(0).expand(batch, -1, -1)
 
-        xz_s = project(suffix)
-        if prefix is None:
-            x_p = xz_s.new_empty((batch, 0, E))
-        else:
-            x_p = project(prefix)[..., :E]  # (B, p, E) view
+        xz_s = project(suffix, 2 * E)
+        # The prefix's gate half z is never used (only suffix tokens are output): project x alone.
+        x_p = xz_s.new_empty((batch, 0, E)) if prefix is None else project(prefix, E)  # (B, p, E)
         x_s, z_s = xz_s[..., :E], xz_s[..., E:]  # (B, s, E) views
         p = x_p.shape[1]
 

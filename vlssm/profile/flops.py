@@ -6,7 +6,7 @@ R = dt_rank = ceil(d_model / 16), K = d_conv):
 =========  ==========================  =====================================
 part       FLOPs per token             tokens (unfused | fused, per block)
 =========  ==========================  =====================================
-in_proj    2 * d_model * 2E            p + s per sequence | p + s
+in_proj    2 * d_model * 2E            p + s per sequence | s (x half: p)
 conv1d     2 * K * E                   p + s per sequence | p + 2s
 x_proj     2 * E * (R + 2N)            p + s per sequence | p + 2s
 dt_proj    2 * R * E                   p + s per sequence | p + 2s
@@ -29,18 +29,19 @@ residual adds are not counted (< 1 % here, and the same for both paths).
 The literal composition (docs/design.md section 1) runs four sequences of
 ``M + C`` tokens through full Mamba mixers: each block twice, every op over
 every token. The fused path (section 2) runs, per block with prefix length p
-and suffix length s, in_proj over p + s tokens, the conv / x_proj / dt_proj /
+and suffix length s, in_proj over the s suffix tokens and only its x half (d -> E)
+over the p prefix tokens (their gate half z is never used), the conv / x_proj / dt_proj /
 scan over p + 2s tokens (the prefix once, the suffix forward and reversed), and
 the gate and out_proj over the s output tokens only. label_block has p = M,
 s = C; visual_block has p = C, s = M.
 
 At d_model = 512, M = 196, C = 80 (defaults d_state = 16, d_conv = 4,
-expand = 2) this gives 3.86 GFLOP per image unfused and 1.74 fused (2.22x).
+expand = 2) this gives 3.86 GFLOP per image unfused and 1.45 fused (2.66x).
 
 Units: every count here is in FLOPs with a multiply-add counted as 2 (torch's
 ``torch.utils.flop_counter`` convention). Papers and fvcore / thop usually
 report multiply-accumulates ("FLOPs" there, GMACs here): half these numbers
-(1.74 GFLOPs = 0.87 GMACs).
+(1.45 GFLOPs = 0.73 GMACs).
 
 :func:`count_flops` measures instead of modelling: it runs a function under
 ``torch.utils.flop_counter.FlopCounterMode``, which counts vlssm's custom ops
@@ -111,13 +112,14 @@ def mamba_dims(d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2
 
 
 def mamba_block_flops(n_in: int, n_scan: int, n_out: int, d_model: int, d_state: int = 16, d_conv: int = 4,
-                      expand: int = 2, dt_rank: Union[int, str] = "auto") -> FlopBreakdown:
-    """FLOPs of one Mamba mixer pass that projects ``n_in`` tokens in, convolves and scans
-    ``n_scan`` tokens, and gates and projects ``n_out`` tokens out."""
+                      expand: int = 2, dt_rank: Union[int, str] = "auto", n_in_x: int = 0) -> FlopBreakdown:
+    """FLOPs of one Mamba mixer pass that projects ``n_in`` tokens in (both halves, x and z) and
+    ``n_in_x`` more tokens to their x half only, convolves and scans ``n_scan`` tokens, and gates and
+    projects ``n_out`` tokens out."""
     m = mamba_dims(d_model, d_state, d_conv, expand, dt_rank)
     D, E, N, K, R = m["d_model"], m["d_inner"], m["d_state"], m["d_conv"], m["dt_rank"]
     return FlopBreakdown(
-        in_proj=2 * n_in * D * 2 * E,
+        in_proj=2 * n_in * D * 2 * E + 2 * n_in_x * D * E,
         conv=2 * n_scan * K * E,
         x_proj=2 * n_scan * E * (R + 2 * N),
         dt_proj=2 * n_scan * R * E,
@@ -135,7 +137,8 @@ def qmvl_flops(batch: int, m: int, c: int, d_model: int, d_state: int = 16, d_co
     ``fused=False`` counts the literal composition: four sequences of m + c tokens
     (the reference composition does the same arithmetic). ``shared_labels``
     (t of shape (C, d)): the fused path projects the shared label tokens once
-    for the whole batch (in_proj over c tokens, not batch * c, in each block);
+    for the whole batch (in_proj over c tokens, not batch * c, in each block: both halves
+    in the label block, where T is the suffix, the x half in the visual block);
     everything after in_proj depends on the image and is counted per image. The
     literal composition broadcasts t first, so its count does not change.
     """
@@ -147,20 +150,20 @@ def qmvl_flops(batch: int, m: int, c: int, d_model: int, d_state: int = 16, d_co
     # label_block: prefix X (m tokens), suffix T (c); visual_block: prefix T (c), suffix X (m).
     for p, s in ((m, c), (c, m)):
         if fused:
-            total = total + mamba_block_flops(p + s, p + 2 * s, s, **kw)
+            total = total + mamba_block_flops(s, p + 2 * s, s, n_in_x=p, **kw)
         else:
             total = total + mamba_block_flops(p + s, p + s, p + s, **kw).scale(2)
     total = total.scale(batch)
     if fused and shared_labels and batch > 1:
         # in_proj of the shared label tokens runs once per block instead of once per image.
-        saved = mamba_block_flops(c, 0, 0, **kw).in_proj * 2 * (batch - 1)
+        saved = mamba_block_flops(c, 0, 0, n_in_x=c, **kw).in_proj * (batch - 1)
         total = dataclasses.replace(total, in_proj=total.in_proj - saved)
     return total
 
 
 def qmvl_flops_per_image(m: int = 196, c: int = 80, d_model: int = 512, fused: bool = True, **kw) -> float:
     """Total forward GFLOPs (multiply-add = 2) of one QMVL layer per image (docs/design.md: 3.86 unfused,
-    1.74 fused); GMACs are half."""
+    1.45 fused); GMACs are half."""
     return qmvl_flops(1, m, c, d_model, fused=fused, **kw).total / 1e9
 
 
