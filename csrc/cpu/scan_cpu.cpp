@@ -110,9 +110,21 @@ void pack_bc(const ScanInputs<T, Acc>& in, int64_t b, Acc* Bp, Acc* Cp) {
 // u and dt = softplus(delta + bias) of token l for the group's lanes.
 template <typename T, typename Acc>
 inline void load_step(const ScanInputs<T, Acc>& in, const Group<Acc>& g, int64_t l, Acc* uu, Acc* raw, Acc* dt) {
-  for (int64_t k = 0; k < kLanes; ++k) {
-    uu[k] = static_cast<Acc>(in.u(g.b, g.ch[k], l));
-    raw[k] = static_cast<Acc>(in.delta(g.b, g.ch[k], l)) + g.bg[k];
+  if (g.nvalid == kLanes && in.u.sx == 1 && in.delta.sx == 1) {
+    // Channels contiguous (token-major inputs, as fork_scan gets them) and a full group:
+    // lane k is channel d0 + k, one vector load each instead of kLanes strided ones.
+    const T* up = in.u.p + g.b * in.u.sb + l * in.u.sl + g.d0;
+    const T* dp = in.delta.p + g.b * in.delta.sb + l * in.delta.sl + g.d0;
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes; ++k) {
+      uu[k] = static_cast<Acc>(up[k]);
+      raw[k] = static_cast<Acc>(dp[k]) + g.bg[k];
+    }
+  } else {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      uu[k] = static_cast<Acc>(in.u(g.b, g.ch[k], l));
+      raw[k] = static_cast<Acc>(in.delta(g.b, g.ch[k], l)) + g.bg[k];
+    }
   }
   if (in.softplus) {
 #pragma omp simd
