@@ -87,14 +87,14 @@ def test_bench_tiny_writes_csv(tmp_path):
         assert row["torch"] and row["date_utc"]
         datetime.fromisoformat(row["date_utc"])
         assert float(row["fwd_ms"]) > 0 and float(row["fwdbwd_ms"]) > 0
-        assert float(row["gflop_fwd"]) > 0
+        assert float(row["gflops_fwd"]) > 0
         assert row["peak_mem_mb"] == ""  # --no-memory
     fused, unfused, ref = rows
     assert fused["fused"] == "True" and unfused["fused"] == "False"
     assert ref["backend"] == "reference"
     assert float(ref["fwd_speedup_vs_reference"]) == 1.0
     assert float(unfused["fwd_speedup_vs_unfused"]) == 1.0
-    assert float(fused["gflop_fwd"]) < float(unfused["gflop_fwd"]) == float(ref["gflop_fwd"])
+    assert float(fused["gflops_fwd"]) < float(unfused["gflops_fwd"]) == float(ref["gflops_fwd"])
     assert float(fused["max_rel_diff_vs_unfused"]) < 1e-4
     # table on stdout, progress on stderr
     assert "provider" in r.stdout and "fused vs unfused" in r.stdout and str(out) in r.stdout
@@ -135,7 +135,7 @@ def test_bench_ifm_sweep_writes_csv(tmp_path):
         ("3", "5", "fused"), ("3", "5", "naive"), ("1", "5", "fused"), ("1", "5", "naive")]
     for row in rows:
         assert row["error"] == "" and row["heads"] == "2" and row["batch"] == "2" and row["d"] == "8"
-        assert float(row["fwd_ms"]) > 0 and float(row["fwdbwd_ms"]) > 0 and float(row["gmac_fwd"]) > 0
+        assert float(row["fwd_ms"]) > 0 and float(row["fwdbwd_ms"]) > 0 and float(row["gmacs_fwd"]) > 0
         assert float(row["peak_mem_mb"]) > 0  # one subprocess per provider
         assert row["cuda_kernels_fwd"] == ""  # CPU run
         assert float(row["max_rel_diff_vs_naive"]) < 1e-4

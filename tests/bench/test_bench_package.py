@@ -89,7 +89,7 @@ def test_scan_workload_tiny(tmp_path, capsys):
     for r in rows:
         assert r["error"] == "" and float(r["fwd_us"]) > 0 and float(r["fwdbwd_us"]) > 0
         assert float(r["bytes_mb"]) > 0 and r["device_name"] and r["torch"]
-        assert float(r["gflop_fwd"]) > 0 and float(r["gmac_fwd"]) == pytest.approx(float(r["gflop_fwd"]) / 2)
+        assert float(r["gflops_fwd"]) > 0 and float(r["gmacs_fwd"]) == pytest.approx(float(r["gflops_fwd"]) / 2)
     for r in rows[::2]:
         assert float(r["max_rel_diff_vs_reference"]) < 1e-4
     assert "fork_scan-label" in capsys.readouterr().out

@@ -52,7 +52,7 @@ CSV_COLUMNS = [
     "fwd_ms", "fwd_reps", "fwdbwd_ms", "fwdbwd_reps",
     "fwd_speedup_vs_reference", "fwdbwd_speedup_vs_reference",
     "fwd_speedup_vs_unfused", "fwdbwd_speedup_vs_unfused",
-    "gflop_fwd", "gmac_fwd", "gflop_fwd_per_image", "fwd_gflops_per_s",
+    "gflops_fwd", "gmacs_fwd", "gflops_fwd_per_image", "fwd_gflops_per_s",
     "peak_mem_mb", "peak_mem_fwd_increase_mb", "peak_mem_fwdbwd_increase_mb", "mem_kind",
     "max_rel_diff_vs_unfused", "error",
 ]
@@ -197,7 +197,7 @@ def _table(rows: List[Dict[str, Any]]) -> str:
         ("fwd ms", "fwd_ms", ".2f"), ("fwd+bwd ms", "fwdbwd_ms", ".2f"),
         ("fwd x ref", "fwd_speedup_vs_reference", ".2f"), ("f+b x ref", "fwdbwd_speedup_vs_reference", ".2f"),
         ("fwd x unf", "fwd_speedup_vs_unfused", ".2f"), ("f+b x unf", "fwdbwd_speedup_vs_unfused", ".2f"),
-        ("GFLOPs fwd", "gflop_fwd", ".3g"), ("GFLOP/s", "fwd_gflops_per_s", ".1f"),
+        ("GFLOPs fwd", "gflops_fwd", ".3g"), ("GFLOP/s", "fwd_gflops_per_s", ".1f"),
         ("peak MB", "peak_mem_mb", ".0f"), ("+fwd MB", "peak_mem_fwd_increase_mb", ".0f"),
         ("+f+b MB", "peak_mem_fwdbwd_increase_mb", ".0f"),
     ]
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                         shared_labels=args.shared_labels).total
         row = dict(env)
         row.update(provider=p, backend=r.get("backend", ""), fused=PROVIDERS[p]["fused"],
-                   gflop_fwd=fl / 1e9, gmac_fwd=fl / 2e9, gflop_fwd_per_image=fl / 1e9 / args.batch,
+                   gflops_fwd=fl / 1e9, gmacs_fwd=fl / 2e9, gflops_fwd_per_image=fl / 1e9 / args.batch,
                    error=r.get("error", ""))
         for k in ("fwd_ms", "fwd_reps", "fwdbwd_ms", "fwdbwd_reps", "peak_mem_mb", "peak_mem_fwd_increase_mb",
                   "peak_mem_fwdbwd_increase_mb", "mem_kind"):

@@ -41,7 +41,7 @@ CSV_COLUMNS = [
     "date_utc", "device", "device_name", "cpu_threads", "python", "torch", "cuda", "triton", "vlssm", "dtype",
     "op", "batch", "m", "c", "d", "dim", "d_state", "heads", "shape", "backend",
     "fwd_us", "fwd_reps", "fwdbwd_us", "fwdbwd_reps", "fwd_speedup_vs_reference", "fwdbwd_speedup_vs_reference",
-    "gflop_fwd", "gmac_fwd", "bytes_mb", "gbps", "copy_gbps", "frac_of_copy", "bwd_us", "bwd_det_us",
+    "gflops_fwd", "gmacs_fwd", "bytes_mb", "gbps", "copy_gbps", "frac_of_copy", "bwd_us", "bwd_det_us",
     "max_rel_diff_vs_reference", "error",
 ]
 
@@ -154,7 +154,7 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         call(**t)
-    res.update(gflop_fwd=fc.get_total_flops() / 1e9, gmac_fwd=fc.get_total_flops() / 2e9)
+    res.update(gflops_fwd=fc.get_total_flops() / 1e9, gmacs_fwd=fc.get_total_flops() / 2e9)
     reps = cfg["ref_reps"] if backend == "reference" else cfg["reps"]
     tf = H.time_phase(fwd, reps, cfg["warmup"], cfg["budget"], dev)
     tb = H.time_phase(fwdbwd, reps, cfg["warmup"], cfg["budget"], dev)
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         kernel = next((r for b, r in results.items() if b != "reference" and not r.get("error")), None)
         if kernel is not None:
             for r in results.values():
-                r.update(gflop_fwd=kernel["gflop_fwd"], gmac_fwd=kernel["gmac_fwd"])
+                r.update(gflops_fwd=kernel["gflops_fwd"], gmacs_fwd=kernel["gmacs_fwd"])
         for backend, r in results.items():
             row = {**env, **{k: cfg0[k] for k in ("batch", "m", "c", "d", "d_state", "heads")}, **r, "op": op,
                    "dim": 2 * args.d, "shape": _shape_text(cfg0, op), "backend": backend}
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     cols = [("op", "op", "s"), ("backend", "backend", "s"), ("shape", "shape", "s"), ("fwd us", "fwd_us", ".1f"),
             ("fwd+bwd us", "fwdbwd_us", ".1f"), ("fwd x ref", "fwd_speedup_vs_reference", ".1f"),
-            ("f+b x ref", "fwdbwd_speedup_vs_reference", ".1f"), ("GFLOPs", "gflop_fwd", ".3g"),
+            ("f+b x ref", "fwdbwd_speedup_vs_reference", ".1f"), ("GFLOPs", "gflops_fwd", ".3g"),
             ("MB", "bytes_mb", ".1f"), ("GB/s", "gbps", ".1f"), ("of copy", "frac_of_copy", ".2f"),
             ("bwd us", "bwd_us", ".1f"), ("det us", "bwd_det_us", ".1f"), ("diff", "max_rel_diff_vs_reference", ".1e")]
     print(H.format_table(rows, cols, left=3))
