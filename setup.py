@@ -77,7 +77,7 @@ def build_ext_cls():
 
 setup(
     packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.models", "vlssm.profile", "vlssm.kernels",
-              "vlssm.data"],
+              "vlssm.data", "vlssm.bench"],
     package_dir={"vlssm.kernels": "kernels"},
     package_data={"vlssm.models": ["configs/*.json"]},
     ext_modules=extensions(),
