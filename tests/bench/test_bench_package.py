@@ -93,3 +93,14 @@ def test_scan_workload_tiny(tmp_path, capsys):
     for r in rows[::2]:
         assert float(r["max_rel_diff_vs_reference"]) < 1e-4
     assert "fork_scan-label" in capsys.readouterr().out
+
+
+def test_ifm_plot_writes_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rc = bench.main(["ifm", "--batch", "1", "--d", "8", "--heads", "2", "--c", "3,5", "--m", "4,6", "--reps", "1",
+                     "--warmup", "0", "--no-memory", "--plot", "--out", str(tmp_path)])
+    assert rc == 0, capsys.readouterr()
+    (png,) = tmp_path.glob("ifm-*-latency.png")
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert str(png) in capsys.readouterr().out

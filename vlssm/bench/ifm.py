@@ -22,6 +22,7 @@ launches, total and outside the GEMMs of the projections (torch.profiler).
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from typing import Any, Dict, List
@@ -52,6 +53,8 @@ def add_arguments(p, common: bool = True, prefix: str = ""):
     g.add_argument(f"--{prefix}m", dest="ifm_m", type=H.int_list, default=[196, 784],
                    help="visual token counts M to sweep, comma-separated (default 196,784)")
     g.add_argument("--heads", type=positive_int, default=1, help="IFM attention heads (default 1)")
+    g.add_argument("--plot", action="store_true",
+                   help="also draw the sweep's PNG (time vs C per provider and M) beside its CSV (needs matplotlib)")
     if common:
         g.add_argument("--batch", type=positive_int, default=None, help="images per batch B (default 4 on cpu, "
                        "32 on cuda)")
@@ -194,6 +197,14 @@ def run(args) -> int:
     """The IFM sweep for parsed ``vlssm bench`` arguments; returns the exit code."""
     if args.batch is None:
         args.batch = 32 if args.device == "cuda" else 4
+    if args.plot:  # before any timing
+        from . import plot
+
+        try:
+            plot.require_matplotlib()
+        except plot.MissingMatplotlib as e:
+            print(f"vlssm bench ifm: error: --plot: {e}", file=sys.stderr)
+            return 2
     t0 = time.time()
     cfg0 = {k: getattr(args, k) for k in ("batch", "d", "heads", "dtype", "device", "reps", "warmup", "budget",
                                           "threads", "seed", "memory")}
@@ -246,4 +257,7 @@ def run(args) -> int:
     for msg in bad:
         print(f"FAILED: {msg}")
     print(f"results: {path}")
+    if args.plot:
+        for png in plot.plot_ifm(rows, args.out, os.path.splitext(name)[0]):
+            print(f"figure: {png}")
     return 1 if bad else 0

@@ -263,3 +263,23 @@ def plot_attention(rows: Sequence[Row], out_dir: str, stem: str) -> List[str]:
                                         rs, c, d)))
     out.append(_figure5(rs, f"{p}-flops.png", _title("parameters and FLOPs (MVLR Figure 5 style)", rs, c, d)))
     return [q for q in out if q]
+
+
+# ----------------------------------------------------------------------------- the IFM sweep
+
+def plot_ifm(rows: Sequence[Row], out_dir: str, stem: str) -> List[str]:
+    """The IFM sweep's figure: forward and forward+backward time vs the label count C, one line per
+    (provider, M), log axes; written to ``out_dir/<stem>-latency.png``. Returns the paths written."""
+    require_matplotlib()
+    lines = [dict(r, series=f"{r.get('provider')} M={r.get('m')}") for r in rows]
+    first = rows[0] if rows else {}
+    title = (f"IFM: fused vs the paper's formulas, time vs labels C\n{first.get('device', '')}: "
+             f"{first.get('device_name', '')} | {first.get('dtype', '')} | B={first.get('batch', '')} "
+             f"d={first.get('d', '')} heads={first.get('heads', '')}")
+    styles = {s: {"marker": "o" if s.startswith("fused") else "s", "linestyle": "-" if s.startswith("fused") else ":"}
+              for s in _series(lines, "series")}
+    path = line_figure(lines, os.path.join(out_dir, f"{stem}-latency.png"), x="c", series="series",
+                       panels=[("fwd_ms", "forward (ms)"), ("fwdbwd_ms", "forward+backward (ms)")],
+                       title=title, xlabel="labels C", styles=styles,
+                       xticklabels={c: f"{c:g}" for c in sorted({_num(r.get("c")) for r in rows} - {None})})
+    return [path] if path else []
