@@ -105,6 +105,15 @@ def run(args: argparse.Namespace) -> int:
     if err:
         print(err, file=sys.stderr)
         return 2
+    flag = "--plot-from" if getattr(args, "plot_from", None) else "--plot" if getattr(args, "plot", False) else None
+    if flag:  # the figures need matplotlib: fail before any timing when it is absent
+        from .plot import MissingMatplotlib, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except MissingMatplotlib as e:
+            print(f"vlssm bench {args.workload}: error: {flag}: {e}", file=sys.stderr)
+            return 2
     try:  # fail early, before any timing, on an unwritable --out
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

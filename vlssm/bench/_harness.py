@@ -39,7 +39,7 @@ from .._argtypes import nonneg_int, positive_float, positive_int
 
 __all__ = [
     "DTYPES", "TOLERANCE", "log", "torch_dtype", "sync", "time_phase", "time_stats", "cuda_times_ms",
-    "cuda_time_ms", "capture_graph", "is_oom", "time_fwd_fwdbwd",
+    "cuda_time_ms", "capture_graph", "is_oom", "prime_layer", "time_fwd_fwdbwd",
     "current_rss_bytes", "peak_bytes", "PhaseMemory", "run_isolated", "run_row", "worker_entry", "max_rel_diff",
     "machine_columns", "header", "stamp", "write_csv", "write_rows_csv", "fmt", "format_table", "int_list",
     "choice_list", "add_common_arguments", "check_device", "seeded_randn",
@@ -264,6 +264,22 @@ class PhaseMemory:
                 self.res[key] = max(0, peak - self.base) / 2**20
             if self.reset and not last:
                 _reset_hwm()
+
+
+def prime_layer(model: Callable[..., Any], x, t, params: Sequence[Any], device: str) -> None:
+    """One tiny forward+backward of a layer ``model(x, t) -> outputs`` on a slice of its inputs (one
+    image, up to 4 tokens each; ``t`` (B, C, d) or shared (C, d)), the parameters' gradients cleared
+    after: it maps the code paths (library pages count in RSS) before the memory baseline, so the
+    peak increase measures the working set of the timed shape."""
+    import torch
+
+    xs = x[:1, : min(4, x.shape[1])].detach().clone().requires_grad_(True)
+    ts = (t[: min(4, t.shape[-2])] if t.dim() == 2 else t[:1, : min(4, t.shape[1])]).detach().clone()
+    outs = model(xs, ts.requires_grad_(True))
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    for p in params:
+        p.grad = None
+    sync(device)
 
 
 def time_fwd_fwdbwd(res: Dict[str, Any], fwd: Callable[[], Any], fwdbwd: Callable[[], Any], cfg: Dict[str, Any],

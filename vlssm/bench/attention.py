@@ -311,15 +311,7 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
         xg.grad = tg.grad = None
         torch.autograd.backward(model(xg, tg), (gx, gt))
 
-    # Prime the code paths (library pages count in RSS) on a tiny slice before the memory baseline.
-    xs = x[:1, : min(4, x.shape[1])].detach().clone().requires_grad_(True)
-    ts = t[:1, : min(4, t.shape[1])].detach().clone().requires_grad_(True)
-    outs = model(xs, ts)
-    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    del xs, ts, outs
-    for p in params:
-        p.grad = None
-    H.sync(device)
+    H.prime_layer(model, x, t, params, device)
 
     label = f"M={cfg['m']:<5} C={cfg['c']:<5} d={cfg['d']:<4} {provider:<16}"
     H.time_fwd_fwdbwd(res, fwd, fwdbwd, cfg, (cfg["reps"],) * 2, (cfg["warmup"],) * 2, detailed_kind=False)
@@ -404,9 +396,6 @@ def _replot(path: str) -> int:
     try:
         pngs = plot.plot_attention(plot.load_csv(path), os.path.dirname(path) or ".",
                                    os.path.splitext(os.path.basename(path))[0])
-    except plot.MissingMatplotlib as e:
-        print(f"vlssm bench attention: error: --plot-from: {e}", file=sys.stderr)
-        return 2
     except (OSError, ValueError, KeyError) as e:
         print(f"vlssm bench attention: error: --plot-from {path!r}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -420,16 +409,8 @@ def run(args: argparse.Namespace) -> int:
     (0, 1 when a row failed, 2 for a usage error found here)."""
     from vlssm.modules.baselines import default_heads
 
-    if args.plot_from:
+    if args.plot_from:  # (vlssm.bench.run checked for matplotlib)
         return _replot(args.plot_from)
-    if args.plot:
-        from . import plot
-
-        try:
-            plot.require_matplotlib()
-        except plot.MissingMatplotlib as e:
-            print(f"vlssm bench attention: error: --plot: {e}", file=sys.stderr)
-            return 2
     bad_d = [d for d in args.d if d % (args.heads or default_heads(d))]
     if bad_d:
         print(f"vlssm bench attention: error: --heads {args.heads or 'd // 64'} does not divide d = "

@@ -22,7 +22,6 @@ launches, total and outside the GEMMs of the projections (torch.profiler).
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 from typing import Any, Dict, List
@@ -197,14 +196,6 @@ def run(args) -> int:
     """The IFM sweep for parsed ``vlssm bench`` arguments; returns the exit code."""
     if args.batch is None:
         args.batch = 32 if args.device == "cuda" else 4
-    if args.plot:  # before any timing
-        from . import plot
-
-        try:
-            plot.require_matplotlib()
-        except plot.MissingMatplotlib as e:
-            print(f"vlssm bench ifm: error: --plot: {e}", file=sys.stderr)
-            return 2
     t0 = time.time()
     cfg0 = {k: getattr(args, k) for k in ("batch", "d", "heads", "dtype", "device", "reps", "warmup", "budget",
                                           "threads", "seed", "memory")}
@@ -257,7 +248,9 @@ def run(args) -> int:
     for msg in bad:
         print(f"FAILED: {msg}")
     print(f"results: {path}")
-    if args.plot:
+    if args.plot:  # (vlssm.bench.run checked for matplotlib before any timing)
+        from . import plot
+
         for png in plot.plot_ifm(rows, args.out, os.path.splitext(name)[0]):
             print(f"figure: {png}")
     return 1 if bad else 0

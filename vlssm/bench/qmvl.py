@@ -137,16 +137,7 @@ def _bench_provider(cfg: Dict[str, Any], provider: str) -> Dict[str, Any]:
         x_rf, t_rf = model(xg, tg)
         torch.autograd.backward((x_rf, t_rf), (gx, gt))
 
-    # Prime: one tiny forward+backward maps the code paths (library pages count in RSS) before the
-    # memory baseline, so the peak increase measures the working set of the timed shape.
-    xs = x[:1, : min(4, x.shape[1])].detach().clone().requires_grad_(True)
-    ts = (t[: min(4, t.shape[-2])] if t.dim() == 2 else t[:1, : min(4, t.shape[1])]).detach().clone()
-    outs = model(xs, ts.requires_grad_(True))
-    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    for prm in params:
-        prm.grad = None
-    del xs, ts, outs
-    H.sync(device)
+    H.prime_layer(model, x, t, params, device)
 
     ref = provider == "reference"
     reps_f = cfg["ref_reps"] if ref else cfg["reps"]

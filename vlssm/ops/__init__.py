@@ -23,14 +23,14 @@ __all__ = ["selective_scan", "fork_conv1d", "fork_scan", "attention_with_probs",
 
 
 def _register() -> None:
-    """Fake (meta), autograd and FLOP-formula registrations; called once vlssm._C is loaded."""
-    from . import attention, flops, fork, ifm_ops, scan
+    """Fake (meta) and autograd registrations; called once vlssm._C is loaded (the FLOP formulas:
+    the end of this module, and kernels/__init__.py for the Triton ops)."""
+    from . import attention, fork, ifm_ops, scan
 
     scan.register()
     fork.register()
     attention.register()
     ifm_ops.register()
-    flops.register()  # torch.utils.flop_counter formulas (vlssm/ops/flops.py); the Triton ops: kernels/__init__.py
 
 
 # Register the compiled kernels with their fake / autograd implementations now,
@@ -45,8 +45,9 @@ _load_extension()
 # now too, so that a torch.compile trace never imports them.
 if _triton_available():
     _load_kernels()
-# FLOP formulas for whatever is defined now, also without the extension (the aten ops torch's
-# counter misses, see vlssm/ops/flops.py); idempotent, so the calls above may have done it already.
+# FLOP formulas (vlssm/ops/flops.py) for every op defined now: the compiled ops, the Triton ops and
+# the aten ops torch's counter misses (also without the extension). kernels/__init__.py registers its
+# ops' formulas again when imported on its own; register() is idempotent.
 from . import flops as _flops  # noqa: E402
 
 _flops.register()
