@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include <string>
 #include <tuple>
 #include <vector>
@@ -29,9 +31,26 @@ struct ForkLayout {
 // State / parameter dtype: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// B and C each come in one of mamba_ssm's three layouts:
+//   time-varying, one group:  selective_scan (b, N, L),    fork_scan (b, L, N);
+//   time-varying, G groups:   selective_scan (b, G, N, L), fork_scan (b, L, G, N):
+//                             channel d reads group d / (dim / G);
+//   input-independent:        (dim, N) in the accumulation dtype: channel d reads row d at every token.
+// Every kernel splits channels into blocks inside one group (a block never
+// straddles two), so a block reads one row of B / C per token as before.
 struct ScanShape {
   int64_t batch, dim, L, N;
+  int64_t G = 1;                  // channel groups of the time-varying B / C (1 when none is grouped)
+  bool varB = true, varC = true;  // false: input-independent (dim, N)
+  int64_t group_dim() const { return dim / G; }  // channels per group
 };
+
+// A time-varying B or C as its 4-D view, no copy: selective_scan (b, G, N, L),
+// fork_scan (b, L, G, N); a 3-D operand is one group. Input-independent (2-D)
+// operands are returned as they are.
+inline at::Tensor grouped_view(const at::Tensor& t, bool token_major) {
+  return t.dim() == 3 ? t.unsqueeze(token_major ? 2 : 1) : t;
+}
 
 // An optional operand made contiguous, or an undefined tensor when absent.
 inline at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
@@ -104,7 +123,49 @@ inline void check_param(const char* name, const at::Tensor& t, std::vector<int64
   TORCH_CHECK_VALUE(t.device() == u.device(), name, " must be on ", u.device(), ", got ", t.device());
 }
 
-// selective_scan: u, delta, z (b, D, L); A (D, N); B, C (b, N, L).
+inline void check_not_complex(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(!t.is_complex(), name, " is complex (", t.scalar_type(),
+                   "): complex A / B / C are not supported, only real float16 / bfloat16 / float32 / float64");
+}
+
+// B or C (see ScanShape): returns its group count, 0 for input-independent.
+inline int64_t check_bc(const char* name, const at::Tensor& t, const ScanShape& sh, const at::Tensor& u,
+                        bool token_major) {
+  TORCH_CHECK_VALUE(t.defined(), name, " is undefined");
+  check_not_complex(name, t);
+  const char* layouts = token_major
+                            ? " must have shape (batch, seqlen, dstate), (batch, seqlen, groups, dstate) or (dim, dstate), got "
+                            : " must have shape (batch, dstate, seqlen), (batch, groups, dstate, seqlen) or (dim, dstate), got ";
+  if (t.dim() == 2) {
+    check_param(name, t, {sh.dim, sh.N}, u);
+    return 0;
+  }
+  if (t.dim() == 3) {
+    check_act(name, t, token_major ? std::vector<int64_t>{sh.batch, sh.L, sh.N} : std::vector<int64_t>{sh.batch, sh.N, sh.L},
+              u);
+    return 1;
+  }
+  TORCH_CHECK_VALUE(t.dim() == 4, name, layouts, shape_str(t.sizes()));
+  const int64_t G = t.size(token_major ? 2 : 1);
+  TORCH_CHECK_VALUE(G > 0 && sh.dim % G == 0, name, " has ", G, " groups, which must divide dim = ", sh.dim);
+  check_act(name, t,
+            token_major ? std::vector<int64_t>{sh.batch, sh.L, G, sh.N} : std::vector<int64_t>{sh.batch, G, sh.N, sh.L},
+            u);
+  return G;
+}
+
+// B and C together: the group count of the time-varying ones (equal when both vary).
+inline void check_bc_pair(const at::Tensor& B, const at::Tensor& C, ScanShape& sh, const at::Tensor& u,
+                          bool token_major) {
+  const int64_t gB = check_bc("B", B, sh, u, token_major), gC = check_bc("C", C, sh, u, token_major);
+  TORCH_CHECK_VALUE(gB == 0 || gC == 0 || gB == gC, "B and C must have the same number of groups, got ", gB,
+                    " (B) and ", gC, " (C); a 3-D B / C is one group");
+  sh.varB = gB > 0;
+  sh.varC = gC > 0;
+  sh.G = std::max<int64_t>({gB, gC, int64_t(1)});
+}
+
+// selective_scan: u, delta, z (b, D, L); A (D, N); B, C (see ScanShape).
 inline ScanShape check_selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                       const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                                       const c10::optional<at::Tensor>& z,
@@ -112,14 +173,14 @@ inline ScanShape check_selective_scan(const at::Tensor& u, const at::Tensor& del
                                       const c10::optional<at::Tensor>& initial_state) {
   TORCH_CHECK_VALUE(u.dim() == 3, "u must have shape (batch, dim, seqlen), got ", shape_str(u.sizes()));
   check_floating("u", u);
+  check_not_complex("A", A);
   TORCH_CHECK_VALUE(A.dim() == 2, "A must have shape (dim, dstate), got ", shape_str(A.sizes()));
-  const ScanShape sh{u.size(0), u.size(1), u.size(2), A.size(1)};
+  ScanShape sh{u.size(0), u.size(1), u.size(2), A.size(1)};
   TORCH_CHECK_VALUE(sh.batch > 0 && sh.dim > 0 && sh.L > 0 && sh.N > 0, "empty input: u ", shape_str(u.sizes()),
                     ", A ", shape_str(A.sizes()));
   check_same("delta", delta, u);
   check_param("A", A, {sh.dim, sh.N}, u);
-  check_act("B", B, {sh.batch, sh.N, sh.L}, u);
-  check_act("C", C, {sh.batch, sh.N, sh.L}, u);
+  check_bc_pair(B, C, sh, u, false);
   if (D.has_value()) check_param("D", *D, {sh.dim}, u);
   if (z.has_value()) check_same("z", *z, u);
   if (delta_bias.has_value()) check_param("delta_bias", *delta_bias, {sh.dim}, u);
@@ -127,7 +188,7 @@ inline ScanShape check_selective_scan(const at::Tensor& u, const at::Tensor& del
   return sh;
 }
 
-// fork_scan: u, delta (b, p + 2s, E); B, C (b, p + 2s, N); z (b, s, E); A (E, N).
+// fork_scan: u, delta (b, p + 2s, E); B, C (see ScanShape); z (b, s, E); A (E, N).
 inline ScanShape check_fork_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                                  const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
@@ -135,8 +196,9 @@ inline ScanShape check_fork_scan(const at::Tensor& u, const at::Tensor& delta, c
   TORCH_CHECK_VALUE(u.dim() == 3, "u must have shape (batch, prefix_len + 2 * suffix_len, dim), got ",
                     shape_str(u.sizes()));
   check_floating("u", u);
+  check_not_complex("A", A);
   TORCH_CHECK_VALUE(A.dim() == 2, "A must have shape (dim, dstate), got ", shape_str(A.sizes()));
-  const ScanShape sh{u.size(0), u.size(2), u.size(1), A.size(1)};
+  ScanShape sh{u.size(0), u.size(2), u.size(1), A.size(1)};
   TORCH_CHECK_VALUE(prefix_len >= 0 && prefix_len < sh.L && (sh.L - prefix_len) % 2 == 0,
                     "prefix_len must be in [0, L) with L - prefix_len = 2 * suffix_len; got prefix_len ",
                     prefix_len, " for L = ", sh.L);
@@ -145,8 +207,7 @@ inline ScanShape check_fork_scan(const at::Tensor& u, const at::Tensor& delta, c
                     ", A ", shape_str(A.sizes()));
   check_same("delta", delta, u);
   check_param("A", A, {sh.dim, sh.N}, u);
-  check_act("B", B, {sh.batch, sh.L, sh.N}, u);
-  check_act("C", C, {sh.batch, sh.L, sh.N}, u);
+  check_bc_pair(B, C, sh, u, true);
   if (D.has_value()) check_param("D", *D, {sh.dim}, u);
   if (z.has_value()) {
     check_act("z", *z, {sh.batch, s, sh.dim}, u);

@@ -58,6 +58,54 @@ def param(name: str, t, ref_name: str, ref: torch.Tensor, shape: Sequence[int], 
     return t.to(acc_dtype(ref.dtype))
 
 
+def not_complex(name: str, t) -> None:
+    """Complex A / B / C (mamba_ssm's complex mode) are not supported: a TypeError that says so."""
+    if isinstance(t, torch.Tensor) and t.is_complex():
+        raise TypeError(f"{name} is complex ({t.dtype}): complex A / B / C are not supported; "
+                        "vlssm's scans are real (float16, bfloat16, float32, float64)")
+
+
+def scan_bc(name: str, t, u: torch.Tensor, batch: int, dim: int, L: int, N: int, token_major: bool):
+    """B or C of a scan, in one of mamba_ssm's three layouts. Returns ``(t, groups)``.
+
+    - time-varying: (batch, N, L) (token-major: (batch, L, N)), u's dtype: groups = 1;
+    - grouped: (batch, G, N, L) (token-major: (batch, L, G, N)), u's dtype, G dividing dim;
+    - input-independent: (dim, N), any floating dtype, cast to the accumulation dtype
+      (float32 while u is half precision, as mamba_ssm keeps it): groups = 0.
+    """
+    not_complex(name, t)
+    if token_major:
+        layouts = {3: ("(batch, seqlen, dstate)", (batch, L, N)), 4: ("(batch, seqlen, groups, dstate)", None)}
+    else:
+        layouts = {3: ("(batch, dstate, seqlen)", (batch, N, L)), 4: ("(batch, groups, dstate, seqlen)", None)}
+    ndim = t.dim() if isinstance(t, torch.Tensor) else 3
+    if ndim == 2:
+        return param(name, t, "u", u, (dim, N), "(dim, dstate)"), 0
+    if ndim not in layouts:
+        tensor(name, t, ndim, "")  # type / dtype / emptiness first
+        raise ValueError(f"{name} must have shape {layouts[3][0]}, {layouts[4][0]} or (dim, dstate), "
+                         f"got {_shape_str(t.shape)}")
+    layout, shape = layouts[ndim]
+    if ndim == 4:
+        tensor(name, t, 4, layout)
+        G = t.shape[2 if token_major else 1]
+        if dim % G:
+            raise ValueError(f"{name} has {G} groups (shape {_shape_str(t.shape)}), which must divide dim = {dim}")
+        shape = (batch, L, G, N) if token_major else (batch, G, N, L)
+    like(name, t, "u", u, shape, layout)
+    return t, (shape[2 if token_major else 1] if ndim == 4 else 1)
+
+
+def scan_bc_pair(B, C, u: torch.Tensor, batch: int, dim: int, L: int, N: int, token_major: bool):
+    """Checks B and C (:func:`scan_bc`) and that time-varying ones have the same group count."""
+    B, gB = scan_bc("B", B, u, batch, dim, L, N, token_major)
+    C, gC = scan_bc("C", C, u, batch, dim, L, N, token_major)
+    if gB and gC and gB != gC:
+        raise ValueError(f"B and C must have the same number of groups, got {gB} (B, shape {_shape_str(B.shape)}) "
+                         f"and {gC} (C, shape {_shape_str(C.shape)}); a 3-D B / C is one group")
+    return B, C
+
+
 def flag(name: str, v) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")

@@ -105,7 +105,11 @@ def fork_scan(
     Args:
         u, delta: (b, p + 2s, E); any strides (slices of a wider tensor work).
         A: (E, N). B, C: (b, p + 2s, N), u's dtype (C of the prefix is unused);
-            any strides, e.g. column slices of the ``x_proj`` output.
+            any strides, e.g. column slices of the ``x_proj`` output. Like
+            :func:`~vlssm.ops.selective_scan`, each may also be grouped,
+            (b, p + 2s, G, N) with channel e reading group e // (E // G), or
+            input-independent (E, N) (any floating dtype, used in float32);
+            dB / dC come back in the same layout.
         D, delta_bias: (E,) or None. z: (b, s, E) or None (no gate); a
             batch-broadcast view is read without a copy.
         prefix_len: p >= 0; ``u.shape[1] - p`` must be even and positive.
@@ -125,13 +129,13 @@ def fork_scan(
             f"got prefix_len={prefix_len} for u of shape {tuple(u.shape)}"
         )
     s = (L - prefix_len) // 2
+    _checks.not_complex("A", A)
     _checks.tensor("A", A, 2, "(dim, dstate)")
     N = A.shape[1]
     layout = "(batch, prefix_len + 2 * suffix_len, dim)"
     _checks.like("delta", delta, "u", u, (b, L, E), layout)
     A = _checks.param("A", A, "u", u, (E, N), "(dim, dstate)")
-    _checks.like("B", B, "u", u, (b, L, N), "(batch, prefix_len + 2 * suffix_len, dstate)")
-    _checks.like("C", C, "u", u, (b, L, N), "(batch, prefix_len + 2 * suffix_len, dstate)")
+    B, C = _checks.scan_bc_pair(B, C, u, b, E, L, N, token_major=True)
     if D is not None:
         D = _checks.param("D", D, "u", u, (E,), "(dim,)")
     if z is not None:
@@ -206,8 +210,8 @@ def scan_fake_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoi
         u.new_empty((b, L, E)),
         u.new_empty((b, L, E)),
         u.new_empty((E, N), dtype=acc),
-        u.new_empty((b, L, N)),
-        u.new_empty((b, L, N)),
+        B.new_empty(B.shape),  # dB / dC in B / C's own layout and dtype
+        C.new_empty(C.shape),
         u.new_empty((E,), dtype=acc) if D is not None else empty(),
         u.new_empty((b, s, E)) if z is not None else u.new_empty((0,)),
         u.new_empty((E,), dtype=acc) if delta_bias is not None else empty(),

@@ -51,10 +51,23 @@ def selective_scan(
         h[n]    = exp(dt * A[d,n]) * h[n] + dt * B[b,n,l] * u[b,d,l]
         out     = (sum_n C[b,n,l] h[n] + D[d] u[b,d,l]) * silu(z[b,d,l])
 
+    B and C each take any of mamba_ssm's layouts (independently of each other):
+
+    - (b, N, L): one row per token, shared by every channel (the formula above);
+    - grouped (b, G, N, L): channel d reads ``B[b, d // (D // G), :, l]``, G dividing D
+      (VMamba's cross-scan passes its K directions as G groups of one call);
+    - input-independent (D, N): channel d reads ``B[d, :]`` at every token (S4-style).
+      Any floating dtype; used in float32 (float64 for float64 u), as A is.
+
+    The kernels read every layout in place (no expansion); dB / dC come back in
+    B / C's own layout: summed over a group's channels, or over batch and time.
+    When both B and C are grouped they must have the same G. Complex A / B / C
+    (mamba_ssm's complex mode) are not supported: TypeError.
+
     Args:
         u, delta: (b, D, L), float16 / bfloat16 / float32 / float64. Any strides:
             a transposed view of a token-major (b, L, D) tensor is read in place.
-        A: (D, N). B, C: (b, N, L), u's dtype.
+        A: (D, N). B, C: (b, N, L), (b, G, N, L) in u's dtype, or (D, N); see above.
         D, delta_bias: (D,) or None. z: (b, D, L) or None (no gate).
         delta_softplus: apply softplus (identity above 20, like mamba_ssm).
         return_last_state: also return the final state (b, D, N).
@@ -72,12 +85,12 @@ def selective_scan(
     """
     _checks.tensor("u", u, 3, "(batch, dim, seqlen)")
     b, dim, L = u.shape
+    _checks.not_complex("A", A)
     _checks.tensor("A", A, 2, "(dim, dstate)")
     N = A.shape[1]
     _checks.like("delta", delta, "u", u, (b, dim, L), "(batch, dim, seqlen)")
     A = _checks.param("A", A, "u", u, (dim, N), "(dim, dstate)")
-    _checks.like("B", B, "u", u, (b, N, L), "(batch, dstate, seqlen)")
-    _checks.like("C", C, "u", u, (b, N, L), "(batch, dstate, seqlen)")
+    B, C = _checks.scan_bc_pair(B, C, u, b, dim, L, N, token_major=False)
     if D is not None:
         D = _checks.param("D", D, "u", u, (dim,), "(dim,)")
     if z is not None:
@@ -134,8 +147,8 @@ def fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
         u.new_empty((b, dim, L)),
         u.new_empty((b, dim, L)),
         u.new_empty((dim, N), dtype=acc),
-        u.new_empty((b, N, L)),
-        u.new_empty((b, N, L)),
+        B.new_empty(B.shape),  # dB / dC in B / C's own layout and dtype
+        C.new_empty(C.shape),
         u.new_empty((dim,), dtype=acc) if D is not None else empty(),
         u.new_empty((b, dim, L)) if z is not None else u.new_empty((0,)),
         u.new_empty((dim,), dtype=acc) if delta_bias is not None else empty(),

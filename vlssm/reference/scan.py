@@ -19,6 +19,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _per_channel(X: torch.Tensor, batch: int, dim: int, L: int) -> torch.Tensor:
+    """B or C in any of mamba_ssm's layouts, literally expanded to (batch, dim, N, L).
+
+    (batch, N, L): one row per token for every channel; (batch, G, N, L): channel
+    d reads group d // (dim // G); (dim, N): input-independent, row d at every token.
+    """
+    if X.dim() == 2:
+        return X[None, :, :, None].expand(batch, dim, X.shape[1], L)
+    if X.dim() == 3:  # one group: a view, no copy
+        return X[:, None].expand(batch, dim, *X.shape[1:])
+    return X.repeat_interleave(dim // X.shape[1], dim=1)
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -36,8 +49,9 @@ def selective_scan_ref(
 ):
     """Reference selective scan with mamba_ssm ``selective_scan_fn`` semantics.
 
-    Shapes: u, delta, z: (b, D, L); A: (D, N); B, C: (b, N, L); D, delta_bias: (D,);
-    initial_state: (b, D, N). Returns out (b, D, L) in u's dtype and, with
+    Shapes: u, delta, z: (b, D, L); A: (D, N); D, delta_bias: (D,);
+    initial_state: (b, D, N). B and C each: (b, N, L); grouped (b, G, N, L),
+    channel d using group d // (D // G); or input-independent (D, N). Returns out (b, D, L) in u's dtype and, with
     ``return_last_state``, the final state (b, D, N) in the compute dtype.
 
     ``reverse=True`` scans from token L-1 down to token 0: literally
@@ -45,8 +59,9 @@ def selective_scan_ref(
     """
     if reverse:
         fl = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+        flbc = lambda t: t if t.dim() == 2 else t.flip(-1)  # noqa: E731  (input-independent: no time axis)
         res = selective_scan_ref(
-            fl(u), fl(delta), A, fl(B), fl(C), D, fl(z), delta_bias, delta_softplus,
+            fl(u), fl(delta), A, flbc(B), flbc(C), D, fl(z), delta_bias, delta_softplus,
             return_last_state, initial_state=initial_state,
         )
         if return_last_state:
@@ -58,21 +73,21 @@ def selective_scan_ref(
     u = u.to(cd)
     delta = delta.to(cd)
     A = A.to(cd)
-    B = B.to(cd)
-    C = C.to(cd)
+    batch, dim, L = u.shape
+    B = _per_channel(B.to(cd), batch, dim, L)
+    C = _per_channel(C.to(cd), batch, dim, L)
     if delta_bias is not None:
         delta = delta + delta_bias.to(cd)[..., None]
     if delta_softplus:
         delta = F.softplus(delta)
-    batch, dim, L = u.shape
     N = A.shape[1]
     x = u.new_zeros((batch, dim, N)) if initial_state is None else initial_state.to(cd)
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
-    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
     ys = []
     for i in range(L):
         x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
-        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+        ys.append(torch.einsum("bdn,bdn->bd", x, C[:, :, :, i]))
     y = torch.stack(ys, dim=2) if ys else u.new_zeros((batch, dim, 0))
     out = y if D is None else y + u * D.to(cd)[:, None]
     if z is not None:
@@ -122,17 +137,21 @@ def fork_scan_ref(
     """Reference fork scan: two full selective scans of [P, S] and [P, rev S].
 
     Token-major shapes: u, delta (b, p + 2s, E) holding the segments
-    [prefix | forward suffix | reversed suffix] in token order; B, C
-    (b, p + 2s, N); z (b, s, E); A (E, N); D, delta_bias (E,). Returns
+    [prefix | forward suffix | reversed suffix] in token order; B, C each
+    (b, p + 2s, N), grouped (b, p + 2s, G, N) or input-independent (E, N);
+    z (b, s, E); A (E, N); D, delta_bias (E,). Returns
     (b, s, E) = (y_fwd + y_rev) * silu(z), y_* including the D skip term, with
     y_rev flipped back to token order.
     """
     p = prefix_len
     s = (u.shape[1] - p) // 2
 
-    def seqs(t):  # token-major (b, p+2s, X) -> channel-major [P,S] and [P, rev S]
+    def seqs(t):  # token-major (b, p+2s, ...) -> channel-major [P,S] and [P, rev S]
+        if t.dim() == 2:  # input-independent (E, N): the same for both sequences
+            return t, t
         P, Sf, Sr = t[:, :p], t[:, p:p + s], t[:, p + s:]
-        return (torch.cat([P, Sf], 1).transpose(1, 2), torch.cat([P, Sr.flip(1)], 1).transpose(1, 2))
+        perm = (0, 2, 3, 1) if t.dim() == 4 else (0, 2, 1)  # (b, L, G, N) -> (b, G, N, L)
+        return (torch.cat([P, Sf], 1).permute(perm), torch.cat([P, Sr.flip(1)], 1).permute(perm))
 
     (u1, u2), (d1, d2), (B1, B2), (C1, C2) = seqs(u), seqs(delta), seqs(B), seqs(C)
     y1 = selective_scan_ref(u1, d1, A, B1, C1, D, None, delta_bias, delta_softplus)[..., p:]
