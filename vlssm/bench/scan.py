@@ -8,6 +8,12 @@ N = ``--d-state``):
   block's (prefix C, suffix M): token-major (B, p + 2s, E) in, (B, s, E) out;
 - ``selective_scan`` over one literal sequence of M + C tokens, channel-major
   (B, E, M + C): what the unfused layer runs four times;
+- ``selective_scan-grouped``: the same sequence with grouped B / C
+  (B, G, N, M + C), G = ``--groups`` (VMamba's cross-scan layout: one call for
+  G directions); ``selective_scan-split``: what a caller without grouped B / C
+  does instead, G calls on the channel slices plus ``torch.cat``. The summary
+  compares grouped with G = 1 (same u, goal: within 10%) and with the split
+  calls (goal: at least 1.5x faster);
 - ``attention_with_probs`` at the IFM's cross-attention: B x heads maps of
   (C, M) over d / heads channels.
 
@@ -35,11 +41,12 @@ from . import _harness as H
 __all__ = ["CSV_COLUMNS", "OPS", "add_arguments", "bench_provider", "fork_scan_bytes", "run"]
 
 #: row name -> op; the fork_scan rows differ in which sequence is the prefix.
-OPS = ("fork_scan-label", "fork_scan-visual", "selective_scan", "attention_with_probs")
+OPS = ("fork_scan-label", "fork_scan-visual", "selective_scan", "selective_scan-grouped", "selective_scan-split",
+       "attention_with_probs")
 
 CSV_COLUMNS = [
     "date_utc", "device", "device_name", "cpu_threads", "python", "torch", "cuda", "triton", "vlssm", "dtype",
-    "op", "batch", "m", "c", "d", "dim", "d_state", "heads", "shape", "backend",
+    "op", "batch", "m", "c", "d", "dim", "d_state", "groups", "heads", "shape", "backend",
     "fwd_us", "fwd_reps", "fwdbwd_us", "fwdbwd_reps", "fwd_speedup_vs_reference", "fwdbwd_speedup_vs_reference",
     "gflops_fwd", "gmacs_fwd", "bytes_mb", "gbps", "copy_gbps", "frac_of_copy", "bwd_us", "bwd_det_us",
     "max_rel_diff_vs_reference", "error",
@@ -54,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser, common: bool = True) -> argparse.A
     g.add_argument("--d", type=positive_int, default=512, help="layer width d; the scans run E = 2d channels "
                                                                "(default 512)")
     g.add_argument("--d-state", type=positive_int, default=16, help="SSM state size N (default 16)")
+    g.add_argument("--groups", type=positive_int, default=4, help="B / C groups G of the selective_scan-grouped and "
+                                                                   "-split rows; must divide 2d (default 4)")
     g.add_argument("--heads", type=positive_int, default=1, help="attention heads of the IFM rows (default 1)")
     g.add_argument("--ops", type=H.choice_list(OPS, "op"), default=list(OPS),
                    help=f"comma list of {','.join(OPS)} (default all)")
@@ -102,16 +111,32 @@ def _inputs(cfg: Dict[str, Any], op: str) -> Tuple[Callable[..., Any], Dict[str,
         t = dict(u=mk(B, L, E), delta=mk(B, L, E) * 0.5, A=A, B=mk(B, L, N), C=mk(B, L, N), D=wk(E), z=mk(B, s, E),
                  delta_bias=wk(E) * 0.5 - 2.0)
         return ops.fork_scan, t, {"prefix_len": p, "delta_softplus": True}
-    if op == "selective_scan":
-        L = M + C
-        t = dict(u=mk(B, E, L), delta=mk(B, E, L) * 0.5, A=A, B=mk(B, N, L), C=mk(B, N, L), D=wk(E), z=mk(B, E, L),
+    if op.startswith("selective_scan"):
+        L, G = M + C, cfg["groups"]
+        if op != "selective_scan" and E % G:
+            raise ValueError(f"--groups {G} does not divide the {E} channels (2 x --d)")
+        bc = (B, N, L) if op == "selective_scan" else (B, G, N, L)
+        t = dict(u=mk(B, E, L), delta=mk(B, E, L) * 0.5, A=A, B=mk(*bc), C=mk(*bc), D=wk(E), z=mk(B, E, L),
                  delta_bias=wk(E) * 0.5 - 2.0)
-        return ops.selective_scan, t, {"delta_softplus": True}
+        return (_split_calls if op == "selective_scan-split" else ops.selective_scan), t, {"delta_softplus": True}
     h = cfg["heads"]
     if d % h:
         raise ValueError(f"--d {d} is not divisible by --heads {h}")
     t = dict(q=mk(B * h, C, d // h), k=mk(B * h, M, d // h), v=mk(B * h, M, d // h))
     return ops.attention_with_probs, t, {}
+
+
+def _split_calls(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    """Grouped B / C without the grouped layout: one selective_scan per group on its channel slice, then cat."""
+    import torch
+
+    import vlssm.ops as ops
+
+    G = B.shape[1]
+    H = u.shape[1] // G
+    sl = [slice(g * H, (g + 1) * H) for g in range(G)]
+    return torch.cat([ops.selective_scan(u[:, c], delta[:, c], A[c], B[:, g], C[:, g], D[c], z[:, c], delta_bias[c],
+                                         delta_softplus, backend=backend) for g, c in enumerate(sl)], dim=1)
 
 
 def _shape_text(cfg: Dict[str, Any], op: str) -> str:
@@ -121,6 +146,8 @@ def _shape_text(cfg: Dict[str, Any], op: str) -> str:
         return f"u ({B}, {p}+2x{s}, {2 * d}) N={N}"
     if op == "selective_scan":
         return f"u ({B}, {2 * d}, {M + C}) N={N}"
+    if op.startswith("selective_scan"):
+        return f"u ({B}, {2 * d}, {M + C}) N={N} G={cfg['groups']}"
     return f"q ({B * h}, {C}, {d // h}) k/v ({B * h}, {M}, {d // h})"
 
 
@@ -217,12 +244,33 @@ def _check(cfg: Dict[str, Any], op: str, backend: str) -> float:
     return H.max_rel_diff(a, b)
 
 
+def _groups_summary(rows: List[Dict[str, Any]], G: int) -> List[str]:
+    """The grouped-B/C goals per kernel backend: grouped vs G = 1 (<= 1.10) and split calls vs grouped (>= 1.5)."""
+    by = {(r["op"], r["backend"]): r for r in rows if not r.get("error") and r.get("fwd_us")}
+    lines = []
+    for backend in sorted({b for _, b in by if b != "reference"}):
+        one, grp, split = (by.get((op, backend)) for op in ("selective_scan", "selective_scan-grouped",
+                                                            "selective_scan-split"))
+        if grp is None:
+            continue
+        parts = []
+        for phase, key in (("fwd", "fwd_us"), ("fwd+bwd", "fwdbwd_us")):
+            if one is not None:
+                x = grp[key] / one[key]
+                parts.append(f"{phase} grouped / G=1 {x:.2f} ({'meets' if x <= 1.10 else 'misses'} <= 1.10)")
+            if split is not None:
+                x = split[key] / grp[key]
+                parts.append(f"{phase} split+cat / grouped {x:.2f} ({'meets' if x >= 1.5 else 'misses'} >= 1.5)")
+        lines.append(f"G={G} on {backend}: " + "; ".join(parts))
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """The kernel microbenchmarks for parsed ``vlssm bench scan`` arguments; returns the exit code."""
     if args.batch is None:
         args.batch = 32 if args.device == "cuda" else 4
     t0 = time.time()
-    cfg0 = {k: getattr(args, k) for k in ("batch", "m", "c", "d", "d_state", "heads", "dtype", "device", "reps",
+    cfg0 = {k: getattr(args, k) for k in ("batch", "m", "c", "d", "d_state", "groups", "heads", "dtype", "device", "reps",
                                           "ref_reps", "warmup", "budget", "threads", "seed")}
     cfg0.update(t0=t0, workload="scan", worker=__name__, memory=False)
     env = H.machine_columns(cfg0)
@@ -252,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
             for r in results.values():
                 r.update(gflops_fwd=kernel["gflops_fwd"], gmacs_fwd=kernel["gmacs_fwd"])
         for backend, r in results.items():
-            row = {**env, **{k: cfg0[k] for k in ("batch", "m", "c", "d", "d_state", "heads")}, **r, "op": op,
+            row = {**env, **{k: cfg0[k] for k in ("batch", "m", "c", "d", "d_state", "groups", "heads")}, **r, "op": op,
                    "dim": 2 * args.d, "shape": _shape_text(cfg0, op), "backend": backend}
             if copy_gbps and r.get("gbps"):
                 row.update(copy_gbps=copy_gbps, frac_of_copy=r["gbps"] / copy_gbps)
@@ -277,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
     print("fwd / fwd+bwd: median of timed reps (autograd through vlssm.ops); x ref = speed-up over the reference; "
           "GFLOPs = the registered flop formula (2 per multiply-add); MB = operands read once + outputs written "
           "once; GB/s = MB over the forward time" + (f"; device copy {copy_gbps:.0f} GB/s" if copy_gbps else ""))
+    for line in _groups_summary(rows, args.groups):
+        print(line)
     for msg in bad:
         print(f"FAILED: {msg}")
     print(f"results: {path}")

@@ -110,7 +110,8 @@ def selective_scan_flop(u: ShapeLike, delta: ShapeLike, A: ShapeLike, B: ShapeLi
                         out_shape: Any = None, **kwargs: Any) -> int:
     """``selective_scan(u, delta, A, B, C, D?, z?, delta_bias?, initial_state?, delta_softplus, reverse)``.
 
-    u, delta, z: (b, D, L); A: (D, N); B, C: (b, N, L); D: (D,) or None.
+    u, delta, z: (b, D, L); A: (D, N); B, C: (b, N, L), grouped (b, G, N, L) or input-independent
+    (D, N): the count does not depend on their layout; D: (D,) or None.
     FLOPs ``9*b*D*L*N`` (the scan) ``+ b*D*L`` if D (the skip ``D*u``) ``+ b*D*L`` if z
     (the gate ``* silu(z)``). delta_bias, softplus, initial_state: free.
     """
@@ -163,7 +164,7 @@ def fork_scan_flop(u: ShapeLike, delta: ShapeLike, A: ShapeLike, B: ShapeLike, C
     """``fork_scan(u, delta, A, B, C, D?, z?, delta_bias?, prefix_len, delta_softplus)``.
 
     u, delta: (b, p + 2s, E) token-major (the prefix once, the suffix forward and reversed);
-    A: (E, N); z: (b, s, E) or None; p = prefix_len. Output (b, s, E).
+    A: (E, N); z: (b, s, E) or None; p = prefix_len; B, C in any layout. Output (b, s, E).
     FLOPs ``9*b*(p+2s)*E*N`` (the scan) ``+ b*(p+2s)*E`` if D (the skip, counted over all
     scanned tokens like vlssm.profile.flops.mamba_block_flops) ``+ b*s*E`` if z (the gate).
     """
