@@ -1,8 +1,16 @@
 // CUDA kernels of vlssm::selective_scan and vlssm::fork_scan (forward and
 // backward). Same algorithm and outputs as csrc/cpu/scan_cpu.cpp.
 //
+// B / C layouts (csrc/scan_shapes.h): time-varying with G >= 1 groups of
+// H = D / G channels, or input-independent (D, N).
+//
 // Work split (both ops, both directions): one block of kThreads = 128 threads
-// per (batch b, kCPB consecutive channels); grid (ceil(D / kCPB), b). Inside a
+// per (batch b, kCPB consecutive channels of one group); grid
+// (ceil(H / kCPB), b, G): block (bx, b, g) covers channels g H + bx kCPB ..,
+// so a block never straddles two groups, and its channels at or past the
+// group's end are padding (like channels past D with G = 1; the group's
+// blocks are the G x ceil(H / kCPB) block columns of the CPU / Triton
+// kernels, with the group index in blockIdx.z: no division). Inside a
 // block, a group of kLPC consecutive lanes owns one channel and each lane owns
 // kNPL states (n = lane_in_group * kNPL + k) in registers (compile-time arrays,
 // constant indices). Configurations (kNPL, kLPC) by N: N <= 4: (4, 1); N <= 16:
@@ -12,14 +20,19 @@
 //
 // Shared memory (dynamic, Acc = fp32, or fp64 for float64 inputs): each tile of
 // tokens (forward: kTileF = 32 steps, backward: kSub = 8 steps) is staged once
-// per block with coalesced loads: B and C rows (tile x Npad), u, dt =
+// per block with coalesced loads: B and C rows (tile x Npad) of the block's
+// group (time-varying operands only: row (b, g, n, l)), u, dt =
 // softplus(delta + bias) (computed once per (token, channel) here, not per
 // lane), and in the backward delta + bias and the output gradient
 // gy = dout * silu(z). Outputs are collected per tile in shared memory and
 // written back coalesced (channel-fastest for token-major tensors,
 // token-fastest for channel-major ones: the mapping follows the strides).
 // All operands are read through element strides: transposed views and batch
-// broadcast (stride 0) work without copies.
+// broadcast (stride 0) work without copies. An input-independent B / C is
+// per channel: each lane holds its B[d, n] / C[d, n] in registers, like A.
+// Kernels are instantiated twice per config (Cfg::kAV): B and C both
+// time-varying (any G; the inner loops read the tiles only), or not (a
+// uniform branch per read between tile and registers).
 //
 // Forward: h in registers; checkpoint c (state before walk step 64 c) written
 // to (b, D, nck, N). fork_scan is one launch: prefix once, its final state kept
@@ -34,9 +47,12 @@
 // exp(dt A) is recomputed in the adjoint) and walked backwards with the adjoint lam (= d loss / d h), as
 // segment_bwd in scan_cpu.cpp. fork_scan: reversed suffix and forward suffix
 // from lam = 0, adjoints summed at the end of the prefix, then the prefix.
-// Reductions: dB / dC over channels: warp shuffles, then shared-memory atomics
-// per block, then one global atomicAdd per (token, state) per block into a
-// zeroed Acc buffer (cast to the input dtype afterwards when it differs).
+// Reductions: time-varying dB / dC over the channels of a group: warp
+// shuffles, then shared-memory atomics per block, then one global atomicAdd
+// per (token, state) per block into a zeroed Acc buffer (b, G, N, L) /
+// (b, G, L, N), row b G + g of the block's group (permuted to B's / C's
+// layout and cast to its dtype afterwards). Input-independent dB / dC are
+// summed like dA.
 // dA / dD / d delta_bias over batch: per-thread register sums over tokens,
 // then global atomicAdd into zeroed Acc outputs. Floating-point atomics make
 // dA, dB, dC, dD and d delta_bias not bitwise deterministic run to run (order
@@ -45,9 +61,11 @@
 // Deterministic mode (torch.use_deterministic_algorithms(True), N <= 16):
 // no atomics. Each warp stores its dB / dC sums into its own shared-memory
 // slice, flush_bwd adds the kWarps slices in order and stores the block's sum
-// into a per-block partial (slice blockIdx.x of a (ceil(D / kCPB), b, ...)
-// buffer); each thread stores its dA / dD / d delta_bias sums into per-batch
-// partials (b, D, N) / (b, D); at::sum adds the partials in a fixed order.
+// into a per-block partial (slice blockIdx.x, the block within its group, of
+// a (ceil(H / kCPB), b, <grouped dB>) buffer); each thread stores
+// its dA / dD / d delta_bias (and input-independent dB / dC) sums into
+// per-batch partials (b, D, N) / (b, D); at::sum adds the partials in a
+// fixed order.
 // Bitwise repeatable; costs ceil(D / 32) x b x L x N Acc of scratch per dB /
 // dC (written once, read once: about +50% of the backward's bytes at N = 16,
 // estimated). N > 16 (kCPB <= 8) would need 4-8x more scratch: there the
@@ -59,9 +77,9 @@
 // 4 N B per 64 tokens per channel. See bench/NOTES-cuda.md.
 //
 // No allocations besides the outputs and, for fp16 / bf16, Acc buffers of
-// dB / dC (b, L, N) (the partials in deterministic mode), and .contiguous()
-// copies of A, D, delta_bias, checkpoints when they are not contiguous. No
-// host syncs.
+// dB / dC (b, L, G, N) (the partials in deterministic mode), and .contiguous()
+// copies of A, D, delta_bias, input-independent B / C, checkpoints when they
+// are not contiguous. No host syncs.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -82,10 +100,11 @@ constexpr int kNumSub = kChunkI / kSub;         // snapshots per chunk
 static_assert(kChunkI == kCheckpointChunk, "checkpoint chunk");
 static_assert(kChunkI % kTileF == 0 && kChunkI % kSub == 0, "tiles divide the chunk");
 
-template <int NPL, int LPC>
+template <int NPL, int LPC, bool AV>
 struct Cfg {
   static constexpr int kNPL = NPL;              // states per lane
   static constexpr int kLPC = LPC;              // lanes per channel
+  static constexpr bool kAV = AV;               // B and C both time-varying (no input-independent branch)
   static constexpr int kCPB = kThreads / LPC;   // channels per block
   static constexpr int kNpad = NPL * LPC;       // states per channel incl. padding
   static_assert(32 % LPC == 0, "a channel's lanes lie in one warp");
@@ -94,7 +113,7 @@ struct Cfg {
 template <typename T, typename Acc>
 struct ScanParams {
   V3<const T> u, delta, z, dout;  // (b, channel, token); z / dout of fork_scan by suffix token
-  V3<const T> B, C;               // (b, state, token)
+  V3<const T> B, C;               // time-varying: (b, state, token) of group 0 (see below)
   const Acc* A = nullptr;         // (D, N) contiguous
   const Acc* Dskip = nullptr;     // (D) or null
   const Acc* bias = nullptr;      // (D) or null
@@ -112,16 +131,27 @@ struct ScanParams {
   const Acc* dlast = nullptr;     // (b, D, N) or null
   Acc* dh0 = nullptr;             // (b, D, N) or null
   V3<T> du, ddelta, dz;
-  V3<Acc> dB, dC;                 // zeroed accumulation buffers (b, state, token)
+  V3<Acc> dB, dC;                 // time-varying: zeroed accumulation buffers (b G + g, state, token)
   Acc* dA = nullptr;              // (D, N) zeroed
   Acc* dD = nullptr;              // (D) zeroed
   Acc* dbias = nullptr;           // (D) zeroed
-  // Deterministic mode: no atomics. dB / dC are then partials, one
-  // (b, state, token) slice per block column (slice blockIdx.x, part_stride
-  // elements apart), and dA / dD / dbias per-batch partials (b, D, N) /
-  // (b, D) / (b, D); every element is stored exactly once.
+  // Deterministic mode: no atomics. Time-varying dB / dC are then partials,
+  // one (b, group, state, token) slice per block of a group (slice
+  // blockIdx.x, part_stride elements apart), and dA / dD / dbias and the
+  // input-independent dB / dC per-batch partials (b, D, N) / (b, D) / (b, D)
+  // / (b, D, N); every element is stored exactly once.
   bool det = false;
   int64_t part_stride = 0;
+  // B / C layouts: time-varying ones (varB / varC) in B / C, group g at
+  // + g * gB / gC elements; input-independent ones as (D, N) contiguous Bc /
+  // Cc, their gradients (zeroed (D, N), like dA) in dBc / dCc.
+  int64_t gB = 0, gC = 0;
+  const Acc* Bc = nullptr;
+  const Acc* Cc = nullptr;
+  Acc* dBc = nullptr;
+  Acc* dCc = nullptr;
+  bool varB = true, varC = true;
+  int G = 1, H = 0;               // groups, channels per group (H = dim / G)
 };
 
 // One segment of the walk. mode: 0 prefix (no output), 1 selective_scan
@@ -167,22 +197,74 @@ __device__ __forceinline__ bool token_fast(const V& v) {
   return v.sl == 1 && v.sx != 1;
 }
 
-// f(t, c, d, l) for every valid (tile step t, channel c = d - d0) of a tile
-// of TT walk steps starting at j0; l is the token of step j0 + t.
+// f(t, c, d, l) for every valid (tile step t, channel c = d - d0 < dend) of a
+// tile of TT walk steps starting at j0; l is the token of step j0 + t.
 template <int TT, int CPB, typename F>
-__device__ __forceinline__ void for_tile_channels(int d0, int dim, const Seg& sg, int64_t j0, int64_t jend, bool tfast,
+__device__ __forceinline__ void for_tile_channels(int d0, int dend, const Seg& sg, int64_t j0, int64_t jend, bool tfast,
                                                   F&& f) {
   for (int idx = threadIdx.x; idx < TT * CPB; idx += kThreads) {
     int t, c;
     tile_map(idx, TT, CPB, tfast, t, c);
     const int64_t j = j0 + t;
     const int d = d0 + c;
-    if (j < jend && d < dim) f(t, c, d, sg.tok(j));
+    if (j < jend && d < dend) f(t, c, d, sg.tok(j));
   }
 }
 
+// The end of this block's group of channels, (blockIdx.z + 1) H.
+template <typename T, typename Acc>
+__device__ __forceinline__ int group_end(const ScanParams<T, Acc>& P) {
+  return (static_cast<int>(blockIdx.z) + 1) * P.H;
+}
+
+// Per-thread constants of a channel. Block (blockIdx.x, b, blockIdx.z) covers
+// channels d0 .. d0 + kCPB - 1 of group blockIdx.z (block blockIdx.x of the
+// group); channels at or past the group's end (group_end) are padding (never
+// past dim: G H = dim). The group is read from blockIdx where needed, not
+// kept in registers.
+template <typename Acc, int NPL>
+struct Lane {
+  int b, d0, ch, g, d;
+  bool valid;
+  Acc Ar[NPL];
+  Acc Br[NPL], Cr[NPL];  // input-independent B / C of this channel (else unused)
+  Acc Dd;
+  __device__ __forceinline__ int n(int k) const { return g * NPL + k; }
+};
+
+template <typename T, typename Acc, typename CF>
+__device__ __forceinline__ Lane<Acc, CF::kNPL> make_lane(const ScanParams<T, Acc>& P) {
+  Lane<Acc, CF::kNPL> ln;
+  ln.b = blockIdx.y;
+  ln.d0 = static_cast<int>(blockIdx.z) * P.H + static_cast<int>(blockIdx.x) * CF::kCPB;
+  ln.ch = threadIdx.x / CF::kLPC;
+  ln.g = threadIdx.x % CF::kLPC;
+  ln.d = ln.d0 + ln.ch;
+  ln.valid = ln.d < group_end(P);
+#pragma unroll
+  for (int k = 0; k < CF::kNPL; ++k) {
+    const int n = ln.n(k);
+    const bool in = ln.valid && n < P.N;
+    const int64_t dn = static_cast<int64_t>(ln.d) * P.N + n;
+    ln.Ar[k] = in ? P.A[dn] : Acc(0);
+    if (!CF::kAV) {
+      ln.Br[k] = (in && !P.varB) ? P.Bc[dn] : Acc(0);
+      ln.Cr[k] = (in && !P.varC) ? P.Cc[dn] : Acc(0);
+    }
+  }
+  ln.Dd = (ln.valid && P.Dskip) ? P.Dskip[ln.d] : Acc(0);
+  return ln;
+}
+
+// B / C of lane state k at tile step t: the staged row of a time-varying
+// operand, or the lane's register of an input-independent one.
+template <typename CF, typename Acc>
+__device__ __forceinline__ Acc bc_at(bool var, const Acc* tile, int t, int n, const Acc (&reg)[CF::kNPL], int k) {
+  return (CF::kAV || var) ? tile[t * CF::kNpad + n] : reg[k];
+}
+
 // Shared-memory tile of TT walk steps starting at j0 (steps >= jend and
-// channels >= dim are zero-filled).
+// channels >= dend are zero-filled; B / C rows only of time-varying operands).
 template <typename Acc>
 struct Tile {
   Acc *B, *C, *u, *dt, *raw, *gy;
@@ -190,22 +272,29 @@ struct Tile {
 
 template <typename T, typename Acc, typename CF, int TT>
 __device__ __forceinline__ void
-stage_tile(const ScanParams<T, Acc>& P, int b, int d0, const Seg& sg, int64_t j0, int64_t jend, const Tile<Acc>& tl,
-    bool write_dz) {
+stage_tile(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& sg, int64_t j0, int64_t jend,
+    const Tile<Acc>& tl, bool write_dz) {
   constexpr int CPB = CF::kCPB, Npad = CF::kNpad;
-  const bool bfast = token_fast(P.B);
-  for (int idx = threadIdx.x; idx < TT * Npad; idx += kThreads) {
-    int t, n;
-    tile_map(idx, TT, Npad, bfast, t, n);
-    const int64_t j = j0 + t;
-    Acc bv = Acc(0), cv = Acc(0);
-    if (j < jend && n < P.N) {
-      const int64_t l = sg.tok(j);
-      bv = static_cast<Acc>(P.B(b, n, l));
-      cv = static_cast<Acc>(P.C(b, n, l));
+  const int b = ln.b, d0 = ln.d0;
+  const bool vB = CF::kAV || P.varB, vC = CF::kAV || P.varC;
+  if (vB || vC) {
+    V3<const T> Bg = P.B, Cg = P.C;  // this block's group
+    Bg.p += blockIdx.z * P.gB;
+    Cg.p += blockIdx.z * P.gC;
+    const bool bfast = token_fast(vB ? P.B : P.C);
+    for (int idx = threadIdx.x; idx < TT * Npad; idx += kThreads) {
+      int t, n;
+      tile_map(idx, TT, Npad, bfast, t, n);
+      const int64_t j = j0 + t;
+      Acc bv = Acc(0), cv = Acc(0);
+      if (j < jend && n < P.N) {
+        const int64_t l = sg.tok(j);
+        if (vB) bv = static_cast<Acc>(Bg(b, n, l));
+        if (vC) cv = static_cast<Acc>(Cg(b, n, l));
+      }
+      if (vB) tl.B[t * Npad + n] = bv;
+      if (vC) tl.C[t * Npad + n] = cv;
     }
-    tl.B[t * Npad + n] = bv;
-    tl.C[t * Npad + n] = cv;
   }
   const bool ufast = token_fast(P.u);
   for (int idx = threadIdx.x; idx < TT * CPB; idx += kThreads) {
@@ -214,7 +303,7 @@ stage_tile(const ScanParams<T, Acc>& P, int b, int d0, const Seg& sg, int64_t j0
     const int64_t j = j0 + t;
     const int d = d0 + c;
     Acc uu = Acc(0), raw = Acc(0), dt = Acc(0), gy = Acc(0);
-    if (j < jend && d < P.dim) {
+    if (j < jend && d < group_end(P)) {
       const int64_t l = sg.tok(j);
       uu = static_cast<Acc>(P.u(b, d, l));
       raw = static_cast<Acc>(P.delta(b, d, l)) + (P.bias ? P.bias[d] : Acc(0));
@@ -238,34 +327,6 @@ stage_tile(const ScanParams<T, Acc>& P, int b, int d0, const Seg& sg, int64_t j0
   }
 }
 
-// Per-thread constants of a channel.
-template <typename Acc, int NPL>
-struct Lane {
-  int b, d0, ch, g, d;
-  bool valid;
-  Acc Ar[NPL];
-  Acc Dd;
-  __device__ __forceinline__ int n(int k) const { return g * NPL + k; }
-};
-
-template <typename T, typename Acc, typename CF>
-__device__ __forceinline__ Lane<Acc, CF::kNPL> make_lane(const ScanParams<T, Acc>& P) {
-  Lane<Acc, CF::kNPL> ln;
-  ln.b = blockIdx.y;
-  ln.d0 = blockIdx.x * CF::kCPB;
-  ln.ch = threadIdx.x / CF::kLPC;
-  ln.g = threadIdx.x % CF::kLPC;
-  ln.d = ln.d0 + ln.ch;
-  ln.valid = ln.d < P.dim;
-#pragma unroll
-  for (int k = 0; k < CF::kNPL; ++k) {
-    const int n = ln.n(k);
-    ln.Ar[k] = (ln.valid && n < P.N) ? P.A[static_cast<int64_t>(ln.d) * P.N + n] : Acc(0);
-  }
-  ln.Dd = (ln.valid && P.Dskip) ? P.Dskip[ln.d] : Acc(0);
-  return ln;
-}
-
 template <typename T, typename Acc, int NPL>
 __device__ __forceinline__ Acc* ck_row(const ScanParams<T, Acc>& P, const Lane<Acc, NPL>& ln, int64_t c) {
   return P.ck + ((static_cast<int64_t>(ln.b) * P.dim + ln.d) * P.nck + c) * P.N;
@@ -285,7 +346,7 @@ flush_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg&
     const Acc* sy) {
   constexpr int CPB = CF::kCPB;
   const bool tfast = sg.mode == 1 ? token_fast(P.out) : false;
-  for_tile_channels<kTileF, CPB>(ln.d0, P.dim, sg, j0, jend, tfast, [&](int t, int c, int d, int64_t l) {
+  for_tile_channels<kTileF, CPB>(ln.d0, group_end(P), sg, j0, jend, tfast, [&](int t, int c, int d, int64_t l) {
     Acc y = sy[t * CPB + c];
     if (sg.mode == 1) {
       P.out(ln.b, d, l) = static_cast<T>(P.z.p ? y * vsilu(static_cast<Acc>(P.z(ln.b, d, l))) : y);
@@ -315,7 +376,7 @@ seg_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
   for (int64_t j0 = 0; j0 < sg.len; j0 += kTileF) {
     const int64_t jend = min(sg.len, j0 + kTileF);
     __syncthreads();  // previous tile's readers are done
-    stage_tile<T, Acc, CF, kTileF>(P, ln.b, ln.d0, sg, j0, jend, tl, false);
+    stage_tile<T, Acc, CF, kTileF>(P, ln, sg, j0, jend, tl, false);
     __syncthreads();
     const int nt = static_cast<int>(jend - j0);
     for (int t = 0; t < nt; ++t) {
@@ -332,8 +393,8 @@ seg_fwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
 #pragma unroll
       for (int k = 0; k < NPL; ++k) {
         const int n = ln.n(k);
-        h[k] = fast_exp(dt * ln.Ar[k]) * h[k] + dtu * tl.B[t * Npad + n];
-        y += h[k] * tl.C[t * Npad + n];
+        h[k] = fast_exp(dt * ln.Ar[k]) * h[k] + dtu * bc_at<CF>(P.varB, tl.B, t, n, ln.Br, k);
+        y += h[k] * bc_at<CF>(P.varC, tl.C, t, n, ln.Cr, k);
       }
       y = group_sum<LPC>(y);
       if (ln.g == 0) sy[t * CPB + ln.ch] = y + ln.Dd * uu;
@@ -424,7 +485,7 @@ flush_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg&
   constexpr int CPB = CF::kCPB, Npad = CF::kNpad;
   const bool tfast = token_fast(P.du);
   const bool want_dz = sg.mode == 1 && P.z.p != nullptr;
-  for_tile_channels<kSub, CPB>(ln.d0, P.dim, sg, j0, jend, tfast, [&](int t, int c, int d, int64_t l) {
+  for_tile_channels<kSub, CPB>(ln.d0, group_end(P), sg, j0, jend, tfast, [&](int t, int c, int d, int64_t l) {
     P.du(ln.b, d, l) = static_cast<T>(bt.du[t * CPB + c]);
     P.ddelta(ln.b, d, l) = static_cast<T>(bt.dd[t * CPB + c]);
     if (want_dz) {
@@ -432,7 +493,10 @@ flush_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg&
       P.dz(ln.b, d, l) = static_cast<T>(static_cast<Acc>(P.dout(ln.b, d, l)) * bt.y[t * CPB + c] * vsilu_grad(zz));
     }
   });
-  const bool bfast = token_fast(P.dB);
+  const bool vB = CF::kAV || P.varB, vC = CF::kAV || P.varC;
+  if (!vB && !vC) return;
+  const int row = ln.b * P.G + static_cast<int>(blockIdx.z);  // (batch, group) row of dB / dC
+  const bool bfast = token_fast(vB ? P.dB : P.dC);
   const int64_t part = int64_t(blockIdx.x) * P.part_stride;  // 0 unless det
   for (int idx = threadIdx.x; idx < kSub * Npad; idx += kThreads) {
     int t, n;
@@ -444,22 +508,23 @@ flush_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg&
       Acc sb = bt.dB[t * Npad + n], sc = bt.dC[t * Npad + n];
 #pragma unroll
       for (int w = 1; w < kWarps; ++w) {
-        sb += bt.dB[(w * kSub + t) * Npad + n];
-        sc += bt.dC[(w * kSub + t) * Npad + n];
+        if (vB) sb += bt.dB[(w * kSub + t) * Npad + n];
+        if (vC) sc += bt.dC[(w * kSub + t) * Npad + n];
       }
-      (&P.dB(ln.b, n, l))[part] = sb;
-      (&P.dC(ln.b, n, l))[part] = sc;
+      if (vB) (&P.dB(row, n, l))[part] = sb;
+      if (vC) (&P.dC(row, n, l))[part] = sc;
     } else {
-      atomicAdd(&P.dB(ln.b, n, l), bt.dB[t * Npad + n]);
-      atomicAdd(&P.dC(ln.b, n, l), bt.dC[t * Npad + n]);
+      if (vB) atomicAdd(&P.dB(row, n, l), bt.dB[t * Npad + n]);
+      if (vC) atomicAdd(&P.dC(row, n, l), bt.dC[t * Npad + n]);
     }
   }
 }
 
-// Per-thread gradient accumulators over the whole walk.
+// Per-thread gradient accumulators over the whole walk (dB / dC: of an
+// input-independent B / C).
 template <typename Acc, int NPL>
 struct LaneGrads {
-  Acc dA[NPL];
+  Acc dA[NPL], dB[NPL], dC[NPL];
   Acc dD, dbias;
 };
 
@@ -475,6 +540,7 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
   fwd_in.gy = nullptr;
   fwd_in.raw = nullptr;
   const int lane = threadIdx.x & 31;
+  const bool vB = CF::kAV || P.varB, vC = CF::kAV || P.varC;
   const int64_t nch = (sg.len + kChunkI - 1) / kChunkI;
   for (int64_t c = nch - 1; c >= 0; --c) {
     const int64_t cj0 = c * kChunkI, cjend = min(sg.len, cj0 + kChunkI);
@@ -494,7 +560,7 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
       const int64_t j0 = cj0 + sc * kSub;
       const int64_t jend = min(cjend, j0 + kSub);
       __syncthreads();
-      stage_tile<T, Acc, CF, kSub>(P, ln.b, ln.d0, sg, j0, jend, fwd_in, false);
+      stage_tile<T, Acc, CF, kSub>(P, ln, sg, j0, jend, fwd_in, false);
       __syncthreads();
 #pragma unroll
       for (int t = 0; t < kSub; ++t) {  // full sub-chunk: jend == j0 + kSub here
@@ -502,7 +568,7 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
         const Acc dtu = dt * bt.in.u[t * CPB + ln.ch];
 #pragma unroll
         for (int k = 0; k < NPL; ++k)
-          h[k] = fast_exp(dt * ln.Ar[k]) * h[k] + dtu * bt.in.B[t * Npad + ln.n(k)];
+          h[k] = fast_exp(dt * ln.Ar[k]) * h[k] + dtu * bc_at<CF>(P.varB, bt.in.B, t, ln.n(k), ln.Br, k);
       }
     }
     // Pass 2: sub-chunks last to first.
@@ -514,7 +580,7 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
 #pragma unroll
       for (int k = 0; k < NPL; ++k) hb[0][k] = bt.snap[(sc * NPL + k) * kThreads + threadIdx.x];
       __syncthreads();
-      stage_tile<T, Acc, CF, kSub>(P, ln.b, ln.d0, sg, j0, jend, bt.in, true);
+      stage_tile<T, Acc, CF, kSub>(P, ln, sg, j0, jend, bt.in, true);
       for (int idx = threadIdx.x; idx < kSub * Npad && !P.det; idx += kThreads) {  // det: every slot read is stored
         bt.dB[idx] = Acc(0);
         bt.dC[idx] = Acc(0);
@@ -526,7 +592,7 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
         const Acc dtu = dt * bt.in.u[t * CPB + ln.ch];
 #pragma unroll
         for (int k = 0; k < NPL; ++k)
-          hb[t + 1][k] = fast_exp(dt * ln.Ar[k]) * hb[t][k] + dtu * bt.in.B[t * Npad + ln.n(k)];
+          hb[t + 1][k] = fast_exp(dt * ln.Ar[k]) * hb[t][k] + dtu * bc_at<CF>(P.varB, bt.in.B, t, ln.n(k), ln.Br, k);
       }
 #pragma unroll
       for (int t = kSub - 1; t >= 0; --t) {
@@ -538,7 +604,7 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
 #pragma unroll
         for (int k = 0; k < NPL; ++k) {
           const int n = ln.n(k);
-          const Acc bn = bt.in.B[t * Npad + n], cn = bt.in.C[t * Npad + n];
+          const Acc bn = bc_at<CF>(P.varB, bt.in.B, t, n, ln.Br, k), cn = bc_at<CF>(P.varC, bt.in.C, t, n, ln.Cr, k);
           const Acc hc = hb[t + 1][k];
           const Acc ea = fast_exp(dt * ln.Ar[k]);  // recomputed: fewer registers than storing it
           y += hc * cn;
@@ -555,16 +621,18 @@ seg_bwd(const ScanParams<T, Acc>& P, const Lane<Acc, CF::kNPL>& ln, const Seg& s
         dus = group_sum<LPC>(dus);
         y = group_sum<LPC>(y);
 #pragma unroll
-        for (int k = 0; k < NPL; ++k) {
-          const Acc sb = cross_group_sum<LPC>(vdb[k]);
-          const Acc sc2 = cross_group_sum<LPC>(vdc[k]);
+        for (int k = 0; k < NPL; ++k) {  // time-varying: over the block's channels; else per lane, like dA
+          const Acc sb = vB ? cross_group_sum<LPC>(vdb[k]) : Acc(0);
+          const Acc sc2 = vC ? cross_group_sum<LPC>(vdc[k]) : Acc(0);
+          if (!vB) gr.dB[k] += vdb[k];
+          if (!vC) gr.dC[k] += vdc[k];
           if (lane < LPC && P.det) {  // this warp's slice: every (t < nt, n) stored once
             const int w = threadIdx.x / 32;
-            bt.dB[(w * kSub + t) * Npad + ln.n(k)] = sb;
-            bt.dC[(w * kSub + t) * Npad + ln.n(k)] = sc2;
+            if (vB) bt.dB[(w * kSub + t) * Npad + ln.n(k)] = sb;
+            if (vC) bt.dC[(w * kSub + t) * Npad + ln.n(k)] = sc2;
           } else if (lane < LPC) {
-            atomicAdd(&bt.dB[t * Npad + ln.n(k)], sb);
-            atomicAdd(&bt.dC[t * Npad + ln.n(k)], sc2);
+            if (vB) atomicAdd(&bt.dB[t * Npad + ln.n(k)], sb);
+            if (vC) atomicAdd(&bt.dC[t * Npad + ln.n(k)], sc2);
           }
         }
         if (ln.g == 0) {
@@ -591,7 +659,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T, 
   const auto ln = make_lane<T, Acc, CF>(P);
   LaneGrads<Acc, NPL> gr;
 #pragma unroll
-  for (int k = 0; k < NPL; ++k) gr.dA[k] = Acc(0);
+  for (int k = 0; k < NPL; ++k) gr.dA[k] = gr.dB[k] = gr.dC[k] = Acc(0);
   gr.dD = Acc(0);
   gr.dbias = Acc(0);
   // One call site of seg_bwd (code size). fork_scan: reversed suffix and
@@ -630,42 +698,65 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const ScanParams<T, 
     for (int k = 0; k < NPL; ++k)
       if (ln.n(k) < P.N) row[ln.n(k)] = lam[k];
   }
-  if (ln.valid && P.det) {  // per-batch partials: this thread's elements, stored once
-    const int64_t bd = static_cast<int64_t>(ln.b) * P.dim + ln.d;
-#pragma unroll
-    for (int k = 0; k < NPL; ++k)
-      if (ln.n(k) < P.N) P.dA[bd * P.N + ln.n(k)] = gr.dA[k];
-    if (ln.g == 0) {
-      P.dD[bd] = gr.dD;
-      P.dbias[bd] = gr.dbias;
+  if (!ln.valid) return;
+  // Per-channel sums over the batch. Deterministic mode: per-batch partials,
+  // this thread's elements stored once; else atomics into the (D, ...) sums.
+  const int64_t bd = P.det ? static_cast<int64_t>(ln.b) * P.dim + ln.d : ln.d;
+  const auto put = [&](Acc* dst, int64_t i, Acc v) {
+    if (P.det) {
+      dst[i] = v;
+    } else {
+      atomicAdd(&dst[i], v);
     }
-  } else if (ln.valid) {
+  };
 #pragma unroll
-    for (int k = 0; k < NPL; ++k)
-      if (ln.n(k) < P.N) atomicAdd(&P.dA[static_cast<int64_t>(ln.d) * P.N + ln.n(k)], gr.dA[k]);
-    if (ln.g == 0) {
-      atomicAdd(&P.dD[ln.d], gr.dD);
-      atomicAdd(&P.dbias[ln.d], gr.dbias);
-    }
+  for (int k = 0; k < NPL; ++k) {
+    if (ln.n(k) >= P.N) continue;
+    const int64_t i = bd * P.N + ln.n(k);
+    put(P.dA, i, gr.dA[k]);
+    if (!CF::kAV && !P.varB) put(P.dBc, i, gr.dB[k]);
+    if (!CF::kAV && !P.varC) put(P.dCc, i, gr.dC[k]);
+  }
+  if (ln.g == 0) {
+    put(P.dD, bd, gr.dD);
+    put(P.dbias, bd, gr.dbias);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Host side
 
-template <typename F>
-void with_cfg(int64_t N, F&& f) {
+template <bool AV, typename F>
+void with_cfg_av(int64_t N, F&& f) {
   if (N <= 4) {
-    f(Cfg<4, 1>{});
+    f(Cfg<4, 1, AV>{});
   } else if (N <= 16) {
-    f(Cfg<4, 4>{});
+    f(Cfg<4, 4, AV>{});
   } else if (N <= 64) {
-    f(Cfg<4, 16>{});
+    f(Cfg<4, 16, AV>{});
   } else if (N <= 256) {
-    f(Cfg<8, 32>{});
+    f(Cfg<8, 32, AV>{});
   } else {
     TORCH_CHECK_VALUE(false, "the CUDA scan supports dstate N <= 256, got ", N);
   }
+}
+
+// The config for N; all_vary: B and C both time-varying (the instantiation
+// without the input-independent branches).
+template <typename F>
+void with_cfg(int64_t N, bool all_vary, F&& f) {
+  if (all_vary) {
+    with_cfg_av<true>(N, std::forward<F>(f));
+  } else {
+    with_cfg_av<false>(N, std::forward<F>(f));
+  }
+}
+
+// Blocks per group: ceil(H / kCPB) of the config for N (gridDim.x).
+int64_t blocks_per_group(const ScanShape& sh) {
+  int64_t cpb = 0;
+  with_cfg(sh.N, true, [&](auto cf) { cpb = decltype(cf)::kCPB; });
+  return (sh.group_dim() + cpb - 1) / cpb;
 }
 
 template <typename Acc, typename CF>
@@ -681,9 +772,9 @@ size_t bwd_smem(bool det) {
 // Launch the forward (bwd = false) or backward kernel of the config for N.
 template <typename T, typename Acc>
 void launch(const ScanParams<T, Acc>& P, bool bwd) {
-  with_cfg(P.N, [&](auto cf) {
+  with_cfg(P.N, P.varB && P.varC, [&](auto cf) {
     using CF = decltype(cf);
-    const dim3 grid((P.dim + CF::kCPB - 1) / CF::kCPB, P.batch);
+    const dim3 grid((P.H + CF::kCPB - 1) / CF::kCPB, P.batch, P.G);
     const size_t smem = bwd ? bwd_smem<Acc, CF>(P.det) : fwd_smem<Acc, CF>();
     auto kernel = bwd ? scan_bwd_kernel<T, Acc, CF> : scan_fwd_kernel<T, Acc, CF>;
     allow_smem(kernel, smem);
@@ -695,19 +786,50 @@ void launch(const ScanParams<T, Acc>& P, bool bwd) {
 void check_grid(const ScanShape& sh) {
   TORCH_CHECK_VALUE(sh.batch <= 65535, "the CUDA scan supports batch <= 65535, got ", sh.batch);
   TORCH_CHECK_VALUE(sh.dim < (int64_t(1) << 31), "dim too large: ", sh.dim);
+  TORCH_CHECK_VALUE(sh.G <= 65535, "the CUDA scan supports up to 65535 groups of B / C, got ", sh.G);
+}
+
+// B and C as the kernels read them (see ScanParams): a time-varying operand
+// as its grouped 4-D view (selective_scan (b, G, N, L), fork_scan
+// (b, L, G, N); no copy), an input-independent one contiguous (D, N).
+struct BCOperands {
+  at::Tensor B, C;
+  BCOperands(const at::Tensor& B_, const at::Tensor& C_, bool token_major)
+      : B(B_.dim() == 2 ? B_.contiguous() : grouped_view(B_, token_major)),
+        C(C_.dim() == 2 ? C_.contiguous() : grouped_view(C_, token_major)) {}
+};
+
+// The (b, state, token) view of group 0 of a grouped 4-D tensor t (layout as
+// in BCOperands); gstride: its group stride.
+template <typename P>
+V3<P> group_view(const at::Tensor& t, bool token_major, int64_t& gstride) {
+  gstride = t.stride(token_major ? 2 : 1);
+  return token_major ? view3<P>(t, 0, 3, 1) : view3<P>(t, 0, 2, 3);
 }
 
 // Common operand fields. token_major: (b, L, D) operands (fork_scan).
 template <typename T, typename Acc>
 ScanParams<T, Acc> make_params(const at::Tensor& u, const at::Tensor& delta, const ScanWeights& w,
-                               const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& z,
-                               const ScanShape& sh, bool softplus, bool token_major) {
+                               const BCOperands& bc, const c10::optional<at::Tensor>& z, const ScanShape& sh,
+                               bool softplus, bool token_major) {
   const int x = token_major ? 2 : 1, l = token_major ? 1 : 2;
   ScanParams<T, Acc> P;
   P.u = view3<const T>(u, 0, x, l);
   P.delta = view3<const T>(delta, 0, x, l);
-  P.B = view3<const T>(B, 0, x, l);
-  P.C = view3<const T>(C, 0, x, l);
+  P.varB = sh.varB;
+  P.varC = sh.varC;
+  if (sh.varB) {
+    P.B = group_view<const T>(bc.B, token_major, P.gB);
+  } else {
+    P.Bc = bc.B.data_ptr<Acc>();
+  }
+  if (sh.varC) {
+    P.C = group_view<const T>(bc.C, token_major, P.gC);
+  } else {
+    P.Cc = bc.C.data_ptr<Acc>();
+  }
+  P.G = static_cast<int>(sh.G);
+  P.H = static_cast<int>(sh.group_dim());
   if (z.has_value()) P.z = view3<const T>(*z, 0, x, l);
   P.A = w.A.data_ptr<Acc>();
   P.Dskip = ptr_or_null<Acc>(w.D);
@@ -731,13 +853,6 @@ void set_fork(ScanParams<T, Acc>& P, const ForkLayout& fl) {
   P.nck_s = fl.nck_s;
 }
 
-// Block columns of the grid (gridDim.x): one dB / dC partial slice each in deterministic mode.
-int64_t grid_columns(const ScanShape& sh) {
-  int64_t cpb = 0;
-  with_cfg(sh.N, [&](auto cf) { cpb = decltype(cf)::kCPB; });
-  return (sh.dim + cpb - 1) / cpb;
-}
-
 // Deterministic mode for this backward (see the top of the file); where it is
 // requested but N > kDetMaxN, the atomic path alerts (raises, or warns with
 // warn_only=True).
@@ -751,39 +866,41 @@ bool deterministic_backward(const char* op, const ScanShape& sh) {
 }
 
 // Gradient outputs common to both backward ops; token_major: (b, L, D)
-// activations and (b, L, N) B / C (fork_scan), else (b, D, L) and (b, N, L).
-// dB / dC accumulate in zeroed Acc buffers (cast to u's dtype by finish()).
-// det (deterministic_backward): the reduced gradients are uninitialised
-// partials instead (see ScanParams), summed by finish().
+// activations (fork_scan), else (b, D, L). A time-varying dB / dC accumulates
+// in a zeroed Acc buffer (b, G, N, L), or (b, G, L, N) for fork_scan (the
+// kernels index its rows b G + g: no per-group pointer; finish() permutes it
+// to (b, L, G, N) and casts it to B's / C's shape and dtype), an
+// input-independent one in a zeroed (D, N), like dA. det (deterministic_backward): the reduced gradients are
+// uninitialised partials instead (see ScanParams), summed by finish().
 struct ScanGrads {
-  bool token_major, det;
+  bool token_major, det, varB, varC;
+  std::vector<int64_t> Bshape, Cshape;
   at::Tensor du, ddelta, dB_acc, dC_acc, dA, dD_full, dbias_full, dz;
 
-  ScanGrads(const at::Tensor& u, const ScanShape& sh, bool token_major_, int64_t zlen, bool has_z, bool det_)
-      : token_major(token_major_), det(det_) {
+  ScanGrads(const at::Tensor& u, const ScanShape& sh, const at::Tensor& B, const at::Tensor& C, bool token_major_,
+            int64_t zlen, bool has_z, bool det_)
+      : token_major(token_major_), det(det_), varB(sh.varB), varC(sh.varC), Bshape(B.sizes().vec()),
+        Cshape(C.sizes().vec()) {
     const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
     const auto act = [&](int64_t len) {
       return token_major ? std::vector<int64_t>{sh.batch, len, sh.dim} : std::vector<int64_t>{sh.batch, sh.dim, len};
     };
-    const std::vector<int64_t> bc = token_major ? std::vector<int64_t>{sh.batch, sh.L, sh.N}
-                                                : std::vector<int64_t>{sh.batch, sh.N, sh.L};
+    // A reduced gradient: zeroed, or in det mode `parts` uninitialised partials.
+    const auto reduced = [&](int64_t parts, std::vector<int64_t> shape) {
+      if (!det) return at::zeros(shape, acc_opts);
+      shape.insert(shape.begin(), parts);
+      return at::empty(shape, acc_opts);
+    };
+    const std::vector<int64_t> grouped = token_major ? std::vector<int64_t>{sh.batch, sh.G, sh.L, sh.N}
+                                                     : std::vector<int64_t>{sh.batch, sh.G, sh.N, sh.L};
+    const int64_t bpg = det && (varB || varC) ? blocks_per_group(sh) : 0;
     du = at::empty(act(sh.L), u.options());
     ddelta = at::empty(act(sh.L), u.options());
-    if (det) {
-      std::vector<int64_t> parts = bc;
-      parts.insert(parts.begin(), grid_columns(sh));
-      dB_acc = at::empty(parts, acc_opts);
-      dC_acc = at::empty(parts, acc_opts);
-      dA = at::empty({sh.batch, sh.dim, sh.N}, acc_opts);
-      dD_full = at::empty({sh.batch, sh.dim}, acc_opts);
-      dbias_full = at::empty({sh.batch, sh.dim}, acc_opts);
-    } else {
-      dB_acc = at::zeros(bc, acc_opts);
-      dC_acc = at::zeros(bc, acc_opts);
-      dA = at::zeros({sh.dim, sh.N}, acc_opts);
-      dD_full = at::zeros({sh.dim}, acc_opts);
-      dbias_full = at::zeros({sh.dim}, acc_opts);
-    }
+    dB_acc = varB ? reduced(bpg, grouped) : reduced(sh.batch, {sh.dim, sh.N});
+    dC_acc = varC ? reduced(bpg, grouped) : reduced(sh.batch, {sh.dim, sh.N});
+    dA = reduced(sh.batch, {sh.dim, sh.N});
+    dD_full = reduced(sh.batch, {sh.dim});
+    dbias_full = reduced(sh.batch, {sh.dim});
     dz = has_z ? at::empty(act(zlen), u.options()) : at::empty({0}, u.options());
   }
 
@@ -794,9 +911,16 @@ struct ScanGrads {
     P.ddelta = view3<T>(ddelta, 0, x, l);
     if (dz.numel() > 0) P.dz = view3<T>(dz, 0, x, l);
     P.det = det;
-    P.part_stride = det ? dB_acc.stride(0) : 0;
-    P.dB = view3<Acc>(det ? dB_acc[0] : dB_acc, 0, x, l);
-    P.dC = view3<Acc>(det ? dC_acc[0] : dC_acc, 0, x, l);
+    P.part_stride = det ? (varB ? dB_acc : dC_acc).stride(0) : 0;  // of the time-varying partials
+    const auto bc_grad = [&](const at::Tensor& acc, bool var, V3<Acc>& view, Acc*& per_channel) {
+      if (var) {  // (b G + g, state, token) rows of (b, G, N, L) / (b, G, L, N)
+        view = view3<Acc>(det ? acc[0] : acc, 1, token_major ? 3 : 2, token_major ? 2 : 3);
+      } else {
+        per_channel = acc.data_ptr<Acc>();
+      }
+    };
+    bc_grad(dB_acc, varB, P.dB, P.dBc);
+    bc_grad(dC_acc, varC, P.dC, P.dCc);
     P.dA = dA.data_ptr<Acc>();
     P.dD = dD_full.data_ptr<Acc>();
     P.dbias = dbias_full.data_ptr<Acc>();
@@ -806,7 +930,13 @@ struct ScanGrads {
   std::vector<at::Tensor> finish(const at::Tensor& u, bool has_D, bool has_bias) const {
     const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
     const auto total = [&](const at::Tensor& t) { return det ? t.sum(0) : t; };
-    return {du, ddelta, total(dA), total(dB_acc).to(u.scalar_type()), total(dC_acc).to(u.scalar_type()),
+    // B's / C's shape and dtype (an input-independent one is in Acc already)
+    const auto bc_total = [&](const at::Tensor& t, bool var, const std::vector<int64_t>& shape) {
+      if (!var) return total(t);
+      const at::Tensor g = token_major ? total(t).permute({0, 2, 1, 3}) : total(t);  // fork: (b, L, G, N)
+      return g.reshape(shape).to(u.scalar_type()).contiguous();
+    };
+    return {du, ddelta, total(dA), bc_total(dB_acc, varB, Bshape), bc_total(dC_acc, varC, Cshape),
             has_D ? total(dD_full) : at::empty({0}, acc_opts), dz,
             has_bias ? total(dbias_full) : at::empty({0}, acc_opts)};
   }
@@ -826,11 +956,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cuda(
   at::Tensor out, last, ck;
   std::tie(out, last, ck) = selective_scan_outputs(u, sh);
   const ScanWeights w(A, D, delta_bias);
+  const BCOperands bc(B, C, false);
   const at::Tensor h0c = opt_or_empty(initial_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    auto P = make_params<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, false);
+    auto P = make_params<T, Acc>(u, delta, w, bc, z, sh, delta_softplus, false);
     P.reverse = reverse;
     P.ck = ck.data_ptr<Acc>();
     P.nck = ck.size(2);
@@ -858,14 +989,16 @@ std::vector<at::Tensor> selective_scan_backward_cuda(
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
   const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
-  ScanGrads gr(u, sh, false, sh.L, z.has_value(), deterministic_backward("vlssm::selective_scan_backward", sh));
+  ScanGrads gr(u, sh, B, C, false, sh.L, z.has_value(),
+               deterministic_backward("vlssm::selective_scan_backward", sh));
   at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
   const ScanWeights w(A, D, delta_bias);
+  const BCOperands bc(B, C, false);
   const at::Tensor ckc = checkpoints.contiguous(), dlc = opt_or_empty(dlast_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    auto P = make_params<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, false);
+    auto P = make_params<T, Acc>(u, delta, w, bc, z, sh, delta_softplus, false);
     P.reverse = reverse;
     P.dout = view3<const T>(dout, 0, 1, 2);
     P.ck = const_cast<Acc*>(ckc.data_ptr<Acc>());
@@ -893,10 +1026,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cuda(
   at::Tensor out, ysum, ck;
   std::tie(out, ysum, ck) = fork_scan_outputs(u, sh, fl);
   const ScanWeights w(A, D, delta_bias);
+  const BCOperands bc(B, C, true);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    auto P = make_params<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, true);
+    auto P = make_params<T, Acc>(u, delta, w, bc, z, sh, delta_softplus, true);
     set_fork(P, fl);
     P.ck = ck.data_ptr<Acc>();
     P.out = view3<T>(out, 0, 2, 1);
@@ -919,13 +1053,14 @@ std::vector<at::Tensor> fork_scan_backward_cuda(
                      {"checkpoints", &checkpoints}});
   check_grid(sh);
   const c10::cuda::CUDAGuard guard(u.device());
-  ScanGrads gr(u, sh, true, fl.s, z.has_value(), deterministic_backward("vlssm::fork_scan_backward", sh));
+  ScanGrads gr(u, sh, B, C, true, fl.s, z.has_value(), deterministic_backward("vlssm::fork_scan_backward", sh));
   const ScanWeights w(A, D, delta_bias);
+  const BCOperands bc(B, C, true);
   const at::Tensor ckc = checkpoints.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    auto P = make_params<T, Acc>(u, delta, w, B, C, z, sh, delta_softplus, true);
+    auto P = make_params<T, Acc>(u, delta, w, bc, z, sh, delta_softplus, true);
     set_fork(P, fl);
     P.dout = view3<const T>(dout, 0, 2, 1);
     P.ysum = view3<Acc>(ysum, 0, 2, 1);

@@ -50,7 +50,8 @@ def _sub(pattern, repl, text: str, what: str, path: Path, *, at_least: int = 1) 
 
 
 # Planted bugs (file, original, replacement): a build with one must fail the
-# comparisons (tests/cuda_emu/test_cuda_emu.py), showing they can.
+# comparisons (tests/cuda_emu/test_cuda_emu.py), showing they can. A mutant
+# name may join several with "+" (one build, all of them planted).
 MUTANTS = {
     # the backward drops dB / dC of the last state n = N - 1
     "dB-last-state": ("scan_cuda.cu", "if (j >= jend || n >= P.N) continue;", "if (j >= jend || n >= P.N - 1) continue;"),
@@ -58,8 +59,10 @@ MUTANTS = {
     "fwd-smem-short": ("scan_cuda.cu", "(2 * kTileF * CF::kNpad + 3 * kTileF * CF::kCPB)",
                        "(2 * kTileF * CF::kNpad + 3 * kTileF * CF::kCPB - 1)"),
     # the forward skips the barrier between staging a tile and reading it (a shared-memory race)
-    "fwd-stage-race": ("scan_cuda.cu", "stage_tile<T, Acc, CF, kTileF>(P, ln.b, ln.d0, sg, j0, jend, tl, false);\n    __syncthreads();",
-                       "stage_tile<T, Acc, CF, kTileF>(P, ln.b, ln.d0, sg, j0, jend, tl, false);"),
+    "fwd-stage-race": ("scan_cuda.cu", "stage_tile<T, Acc, CF, kTileF>(P, ln, sg, j0, jend, tl, false);\n    __syncthreads();",
+                       "stage_tile<T, Acc, CF, kTileF>(P, ln, sg, j0, jend, tl, false);"),
+    # a time-varying B is staged from group 0 in every block (the group offset dropped)
+    "B-group-offset": ("scan_cuda.cu", "Bg.p += blockIdx.z * P.gB;", ""),
 }
 
 
@@ -68,8 +71,9 @@ def rewrite(path: Path, registers: bool = True, mutant: str = "", ns: str = NAME
     registering its ops in namespace ns (the selftest's in ns + "_selftest")."""
     text = path.read_text()
     text = text.replace(f"{NAMESPACE}_selftest", f"{ns}_selftest")
-    if mutant and MUTANTS[mutant][0] == path.name:
-        text = _sub(MUTANTS[mutant][1], MUTANTS[mutant][2], text, f"the code mutant {mutant} changes", path)
+    for m in mutant.split("+") if mutant else ():
+        if MUTANTS[m][0] == path.name:
+            text = _sub(MUTANTS[m][1], MUTANTS[m][2], text, f"the code mutant {m} changes", path)
     if path.suffix == ".cu":
         text = _sub(LAUNCH, r"::emu::launch(\g<k>, \g<cfg>)(", text, "a <<<...>>> launch", path)
         if registers:
@@ -110,11 +114,11 @@ def asan() -> bool:
 def build(verbose: bool = False, mutant: str = "") -> str:
     """Build (or reuse) the emulation library; returns the path of the .so (not loaded).
 
-    mutant: a key of MUTANTS to plant that bug (its own library name and build folder).
+    mutant: a key of MUTANTS to plant that bug, or keys joined by "+" (its own library name and build folder).
     """
     from torch.utils import cpp_extension
 
-    name = NAMESPACE + ("_asan" if asan() else "") + (f"_{mutant.replace('-', '_')}" if mutant else "")
+    name = NAMESPACE + ("_asan" if asan() else "") + (f"_{mutant.replace('-', '_').replace('+', '_')}" if mutant else "")
     base = Path(os.environ.get("VLSSM_EMU_BUILD", ROOT / "build" / "cuda_emu"))
     out = base / name
     srcs = sources_dir(out / "src", mutant, ns=name)

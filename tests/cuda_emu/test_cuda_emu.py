@@ -2,7 +2,8 @@
 execution model (include/cuda_emu.h, built by build.py), against vlssm's CPU
 kernels: the cases of bench/check_cuda.py (every N config of the scan
 kernels, every dtype, odd sizes, views, broadcast, reverse, initial / final
-states), forward and backward.
+states), forward and backward; its "layout-" cases (grouped and
+input-independent B / C) against the float64 reference instead.
 
 What it shows: the kernels' indexing, tiling, staging, reductions and
 segment walks compute what the CPU kernels compute, on a machine without a
@@ -14,7 +15,7 @@ misuse) is checked by selftest.cu; a build with a planted bug must fail the
 comparison; an AddressSanitizer build (when libasan is found) runs the cases
 again in a subprocess to catch out-of-bounds accesses of global and shared
 memory, and outputs left unwritten (every allocation starts as NaN there).
-VLSSM_EMU_FULL=1 runs every case of check_cuda.py (372, about 13 minutes on
+VLSSM_EMU_FULL=1 runs every case of check_cuda.py (391, about 17 minutes on
 2 cores) and every planted bug.
 """
 from __future__ import annotations
@@ -89,10 +90,26 @@ ODD = {
     "conv-float32-2x64-p2s3-K5-bias0-bc1", "conv-float32-2x64-p2s3-K1-bias1-bc0",
     "conv-bfloat16-3x197-p5s63-K4-bias1-bc1",
 }
+# Grouped / input-independent B and C run by default (the cheap ones): G = 2 and 4 with odd
+# group sizes (one and two blocks per group, padding channels), B / C / both input-independent,
+# float32 / float64 / bfloat16, reverse, initial_state, fork_scan with p = 0 and p > 64, N = 1 to 256.
+LAYOUT = {
+    "layout-sel-float32-2x74x9-N16-Bg2-Cg2-rev1-opt1-S1", "layout-sel-float32-2x262x5-N4-Bi-Cg2-rev0-opt1-S1",
+    "layout-sel-float32-1x148x9-N1-Bg4-Ci-rev0-opt1-S0", "layout-sel-float32-2x6x65-N17-Bg1-Ci-rev0-opt0-S1",
+    "layout-sel-float32-1x3x20-N256-Bi-Ci-rev1-opt1-S0", "layout-sel-float64-2x10x33-N4-Bi-Cg2-rev1-opt1-S0",
+    "layout-fork-float32-2x74-p2s3-N16-Bg2-Cg2-opt1-S0", "layout-fork-float32-1x148-p3s6-N1-Bg4-Ci-opt1-S1",
+    "layout-fork-float32-1x6-p0s33-N17-Bg1-Ci-opt0-S1", "layout-fork-bfloat16-2x12-p70s10-N16-Bi-Ci-opt1-S0",
+}
+# ... and in the deterministic mode (per-block partials of a group's dB / dC, per-batch ones of
+# input-independent dB / dC)
+LAYOUT_DET = {
+    "layout-sel-float32-2x74x9-N16-Bg2-Cg2-rev1-opt1-S1", "layout-fork-float32-2x74-p2s3-N16-Bg2-Cg2-opt1-S0",
+    "layout-fork-bfloat16-2x12-p70s10-N16-Bi-Ci-opt1-S0",
+}
 QUICK = {cid for cid, _, _ in check_cuda.cases(quick=True)}
 ALL = check_cuda.cases()
-assert ODD <= {cid for cid, _, _ in ALL}, ODD - {cid for cid, _, _ in ALL}
-CASES = [c for c in ALL if FULL or c[0] in QUICK or c[0] in ODD]
+assert ODD | LAYOUT <= {cid for cid, _, _ in ALL}, (ODD | LAYOUT) - {cid for cid, _, _ in ALL}
+CASES = [c for c in ALL if FULL or c[0] in QUICK or c[0] in ODD or c[0] in LAYOUT]
 
 
 @pytest.mark.parametrize("cid,fn,args", CASES, ids=[c[0] for c in CASES])
@@ -104,7 +121,7 @@ def test_cuda_kernel_matches_cpu(emu, cid, fn, args, capsys):
 
 # The backward's deterministic mode (per-warp / per-batch partials instead of atomics): the odd sizes
 # by default (several channel blocks, partial warps, several checkpoint chunks), everything with FULL.
-DET_CASES = [c for c in ALL if FULL or c[0] in ODD]
+DET_CASES = [c for c in ALL if FULL or c[0] in ODD or c[0] in LAYOUT_DET]
 
 
 @pytest.mark.parametrize("cid,fn,args", DET_CASES, ids=[c[0] for c in DET_CASES])
@@ -252,7 +269,9 @@ def test_emulated_shuffle_after_exit_raises(selftest):
 # -- the comparison can fail --------------------------------------------------
 
 @pytest.mark.parametrize("mutant", [
-    "dB-last-state",
+    # two bugs in one build (one compile): the 3-D case sees only the first, the grouped case the second
+    "dB-last-state+B-group-offset",
+    pytest.param("B-group-offset", marks=pytest.mark.skipif(not FULL, reason="alone: one more build (~1 min)")),
     pytest.param("fwd-stage-race", marks=pytest.mark.skipif(
         not FULL, reason="a race: caught through the NaN-poisoned shared memory, but not deterministically")),
 ])
@@ -260,13 +279,21 @@ def test_planted_bug_fails_the_comparison(mutant):
     lib = emu_build.build(mutant=mutant)
     torch.ops.load_library(lib)
     planted = getattr(torch.ops, Path(lib).stem)  # the mutant's ops live in a namespace of its own
+    bugs = mutant.split("+")
     failures = []
     check_cuda.fork_case(planted, CPU, failures, 2, 5, 7, 9, 16, torch.float32, True, False)
     name = "fork_scan b=2 E=5 p=7 s=9 N=16 torch.float32 opt=True bz=False"
-    if mutant == "dB-last-state":
+    if "dB-last-state" in bugs:
         assert failures == [name + " backward"], failures
-    else:
+    elif "fwd-stage-race" in bugs:
         assert name in failures, failures
+    else:
+        assert failures == [], failures  # one group: the dropped group offset is 0 anyway
+    if "B-group-offset" in bugs:  # B of group 1 read from group 0: forward and backward are wrong
+        failures = []
+        check_cuda.fork_layout_case(planted, CPU, failures, 2, 2 * 37, 2, 3, 16, torch.float32, 2, 2, True, False)
+        name = "fork_scan b=2 E=74 p=2 s=3 N=16 torch.float32 B=g2 C=g2 opt=True S=False vs reference"
+        assert failures == [name, name + " backward"], failures
 
 
 # -- out-of-bounds accesses ---------------------------------------------------
@@ -319,14 +346,14 @@ sys.exit(1 if failures else 0)
     pytest.param("fwd-smem-short", marks=pytest.mark.skipif(not FULL, reason="a second ASan build (~1 min)")),
 ])
 def test_no_out_of_bounds_access_under_asan(mutant, tmp_path):
-    """The quick float32 / bfloat16 cases and the odd sizes in an AddressSanitizer build, with every
+    """The quick float32 / bfloat16 cases, the odd sizes and the default layout cases in an AddressSanitizer build, with every
     allocation NaN-filled (so an unwritten output or partial-sum slot fails the comparison), in the
     default and the deterministic mode; a planted one-element shared-memory overflow must be reported."""
     preload = _asan_preload()
     if preload is None:
         pytest.skip("libasan or libstdc++ not found")
     script = tmp_path / "asan_cases.py"
-    ids = sorted(ODD | {cid for cid in QUICK if "float32" in cid or "bfloat16" in cid})
+    ids = sorted(ODD | LAYOUT | {cid for cid in QUICK if "float32" in cid or "bfloat16" in cid})
     script.write_text(ASAN_SCRIPT.format(bench=str(ROOT / "bench"), here=str(HERE), mutant=mutant, ids=ids))
     # malloc_fill_byte: every allocation starts as 0xff bytes (NaN), so an output element no thread writes
     # fails check_cuda's isfinite check
