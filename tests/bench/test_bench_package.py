@@ -84,15 +84,19 @@ def test_scan_workload_tiny(tmp_path, capsys):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["op"], r["backend"]) for r in rows] == [
-        (op, b) for op in ("fork_scan-label", "fork_scan-visual", "selective_scan", "attention_with_probs")
+        (op, b) for op in ("fork_scan-label", "fork_scan-visual", "selective_scan", "selective_scan-grouped",
+                           "selective_scan-split", "attention_with_probs")
         for b in ("cpu", "reference")]
+    assert {r["groups"] for r in rows} == {"4"}
     for r in rows:
         assert r["error"] == "" and float(r["fwd_us"]) > 0 and float(r["fwdbwd_us"]) > 0
         assert float(r["bytes_mb"]) > 0 and r["device_name"] and r["torch"]
         assert float(r["gflops_fwd"]) > 0 and float(r["gmacs_fwd"]) == pytest.approx(float(r["gflops_fwd"]) / 2)
     for r in rows[::2]:
         assert float(r["max_rel_diff_vs_reference"]) < 1e-4
-    assert "fork_scan-label" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fork_scan-label" in out
+    assert "G=4 on cpu: fwd grouped / G=1 " in out and "split+cat / grouped" in out
 
 
 def test_ifm_plot_writes_png(tmp_path, capsys):
