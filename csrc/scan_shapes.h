@@ -52,6 +52,15 @@ inline at::Tensor grouped_view(const at::Tensor& t, bool token_major) {
   return t.dim() == 3 ? t.unsqueeze(token_major ? 2 : 1) : t;
 }
 
+// B and C as every compiled kernel reads them: a time-varying operand as its
+// grouped 4-D view (no copy), an input-independent one contiguous (D, N).
+struct BCOperands {
+  at::Tensor B, C;
+  BCOperands(const at::Tensor& B_, const at::Tensor& C_, bool token_major)
+      : B(B_.dim() == 2 ? B_.contiguous() : grouped_view(B_, token_major)),
+        C(C_.dim() == 2 ? C_.contiguous() : grouped_view(C_, token_major)) {}
+};
+
 // An optional operand made contiguous, or an undefined tensor when absent.
 inline at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();

@@ -65,30 +65,38 @@ struct MutView {
   inline T& operator()(int64_t b, int64_t x, int64_t l) const { return p[b * sb + x * sx + l * sl]; }
 };
 
-// B or C as a task reads it: time-varying, element (b, group, state, token)
-// through strides (a 3-D operand is one group); or input-independent, a
+// Element offset of (b, group, state, token) in a grouped 4-D view of B, C,
+// dB or dC (grouped_view: selective_scan (b, G, N, L), fork_scan (b, L, G, N)).
+struct GroupStrides {
+  int64_t sb = 0, sg = 0, sn = 0, sl = 0;
+  GroupStrides() = default;
+  GroupStrides(const at::Tensor& v, bool token_major)
+      : sb(v.stride(0)), sg(v.stride(token_major ? 2 : 1)), sn(v.stride(token_major ? 3 : 2)),
+        sl(v.stride(token_major ? 1 : 3)) {}
+  inline int64_t operator()(int64_t b, int64_t g, int64_t n, int64_t l) const {
+    return b * sb + g * sg + n * sn + l * sl;
+  }
+};
+
+// B or C as a task reads it (from BCOperands): time-varying, element
+// (b, group, state, token) of its grouped view; or input-independent, a
 // contiguous (D, N) array in the accumulation dtype.
 template <typename T, typename Acc>
 struct BCOperand {
   const T* p = nullptr;
-  int64_t sb = 0, sg = 0, sn = 0, sl = 0;
+  GroupStrides st;
   const Acc* rows = nullptr;  // input-independent (D, N), or null
   BCOperand() = default;
-  // t: the operand; dims of (b, group, state, token) in its grouped view.
   BCOperand(const at::Tensor& t, bool varying, bool token_major) {
-    if (!varying) {
+    if (varying) {
+      p = t.data_ptr<T>();
+      st = GroupStrides(t, token_major);
+    } else {
       rows = t.data_ptr<Acc>();
-      return;
     }
-    const at::Tensor v = grouped_view(t, token_major);
-    p = v.data_ptr<T>();
-    sb = v.stride(0);
-    sg = v.stride(token_major ? 2 : 1);
-    sn = v.stride(token_major ? 3 : 2);
-    sl = v.stride(token_major ? 1 : 3);
   }
   bool varying() const { return rows == nullptr; }
-  inline T operator()(int64_t b, int64_t g, int64_t n, int64_t l) const { return p[b * sb + g * sg + n * sn + l * sl]; }
+  inline T operator()(int64_t b, int64_t g, int64_t n, int64_t l) const { return p[st(b, g, n, l)]; }
 };
 
 // Everything a scan task reads. Layout-free: (b, channel, token) for u,
@@ -462,17 +470,10 @@ struct TaskRange {
 // A dB / dC output of a time-varying operand: element (b, group, state, token).
 template <typename T>
 struct BCGrad {
-  T* p = nullptr;
-  int64_t sb = 0, sg = 0, sn = 0, sl = 0;
-  BCGrad(at::Tensor& t, bool token_major) {
-    at::Tensor v = grouped_view(t, token_major);
-    p = v.data_ptr<T>();
-    sb = v.stride(0);
-    sg = v.stride(token_major ? 2 : 1);
-    sn = v.stride(token_major ? 3 : 2);
-    sl = v.stride(token_major ? 1 : 3);
-  }
-  inline T& operator()(int64_t b, int64_t g, int64_t n, int64_t l) const { return p[b * sb + g * sg + n * sn + l * sl]; }
+  T* p;
+  GroupStrides st;
+  BCGrad(at::Tensor& t, bool token_major) : p(t.data_ptr<T>()), st(grouped_view(t, token_major), token_major) {}
+  inline T& operator()(int64_t b, int64_t g, int64_t n, int64_t l) const { return p[st(b, g, n, l)]; }
 };
 
 // ---------------------------------------------------------------------------
@@ -807,25 +808,17 @@ void run_tasks(const Body& body, const TaskRange& tr) {
   });
 }
 
-// B and C as the kernels read them: input-independent (D, N) ones made contiguous (tiny), others as given.
-struct BCRows {
-  at::Tensor B, C;
-  BCRows(const at::Tensor& B_, const at::Tensor& C_, const ScanShape& sh)
-      : B(sh.varB ? B_ : B_.contiguous()), C(sh.varC ? C_ : C_.contiguous()) {}
-};
-
 template <typename T, typename Acc>
 ScanInputs<T, Acc> scan_inputs(const at::Tensor& u, const at::Tensor& delta, const ScanWeights& w,
-                               const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& z,
+                               const BCOperands& bc, const c10::optional<at::Tensor>& z,
                                const ScanShape& sh, bool softplus, bool token_major) {
-  // (b, channel, token) dims of u, delta, z. B, C: time-varying ones as they
-  // are, input-independent ones contiguous in the accumulation dtype (see BCRows).
+  // (b, channel, token) dims of u, delta, z.
   const int x = token_major ? 2 : 1, l = token_major ? 1 : 2;
   ScanInputs<T, Acc> in;
   in.u = View<T>(u, 0, x, l);
   in.delta = View<T>(delta, 0, x, l);
-  in.B = BCOperand<T, Acc>(B, sh.varB, token_major);
-  in.C = BCOperand<T, Acc>(C, sh.varC, token_major);
+  in.B = BCOperand<T, Acc>(bc.B, sh.varB, token_major);
+  in.C = BCOperand<T, Acc>(bc.C, sh.varC, token_major);
   in.G = sh.G;
   in.H = sh.group_dim();
   in.lane_bc = !(sh.varB && sh.varC);
@@ -855,12 +848,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
   std::tie(out, last, ck) = selective_scan_outputs(u, sh);
   const int64_t nck = ck.size(2);
   const ScanWeights w(A, D, delta_bias);
-  const BCRows bc(B, C, sh);
+  const BCOperands bc(B, C, false);
   const at::Tensor h0c = opt_or_empty(initial_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = scan_inputs<T, Acc>(u, delta, w, bc.B, bc.C, z, sh, delta_softplus, false);
+    const auto in = scan_inputs<T, Acc>(u, delta, w, bc, z, sh, delta_softplus, false);
     const SelectiveScanFwd<T, Acc> body{in, reverse, h0c.defined() ? h0c.data_ptr<Acc>() : nullptr,
                                         MutView<T>(out, 0, 1, 2), last.data_ptr<Acc>(), ck.data_ptr<Acc>(), nck};
     run_tasks(body, TaskRange(sh.batch, sh.G, sh.group_dim()));
@@ -889,12 +882,12 @@ std::vector<at::Tensor> selective_scan_backward_cpu(
   at::Tensor dz = z.has_value() ? at::empty({sh.batch, sh.dim, sh.L}, u.options()) : at::empty({0}, u.options());
   at::Tensor dh0 = initial_state.has_value() ? at::empty({sh.batch, sh.dim, sh.N}, acc_opts) : at::empty({0}, acc_opts);
   const ScanWeights w(A, D, delta_bias);
-  const BCRows bc(B, C, sh);
+  const BCOperands bc(B, C, false);
   const at::Tensor ckc = checkpoints.contiguous(), dlc = opt_or_empty(dlast_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_selective_scan_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = scan_inputs<T, Acc>(u, delta, w, bc.B, bc.C, z, sh, delta_softplus, false);
+    const auto in = scan_inputs<T, Acc>(u, delta, w, bc, z, sh, delta_softplus, false);
     const TaskRange tr(sh.batch, sh.G, sh.group_dim());
     GradBuffers<Acc> gb(sh.batch, sh.dim, sh.L, sh.N, tr, sh.varB, sh.varC);
     const SelectiveScanBwd<T, Acc> body{in, reverse, View<T>(dout, 0, 1, 2),
@@ -926,11 +919,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_cpu(
   at::Tensor out, ysum, ck;
   std::tie(out, ysum, ck) = fork_scan_outputs(u, sh, fl);
   const ScanWeights w(A, D, delta_bias);
-  const BCRows bc(B, C, sh);
+  const BCOperands bc(B, C, true);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = scan_inputs<T, Acc>(u, delta, w, bc.B, bc.C, z, sh, delta_softplus, true);
+    const auto in = scan_inputs<T, Acc>(u, delta, w, bc, z, sh, delta_softplus, true);
     const ForkScanFwd<T, Acc> body{in, fl, MutView<T>(out, 0, 2, 1), MutView<Acc>(ysum, 0, 2, 1), ck.data_ptr<Acc>()};
     run_tasks(body, TaskRange(sh.batch, sh.G, sh.group_dim()));
   });
@@ -956,12 +949,12 @@ std::vector<at::Tensor> fork_scan_backward_cpu(
   at::Tensor dbias_full = at::empty({sh.dim}, acc_opts);
   at::Tensor dz = z.has_value() ? at::empty({sh.batch, fl.s, sh.dim}, u.options()) : at::empty({0}, u.options());
   const ScanWeights w(A, D, delta_bias);
-  const BCRows bc(B, C, sh);
+  const BCOperands bc(B, C, true);
   const at::Tensor ckc = checkpoints.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "vlssm_fork_scan_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const auto in = scan_inputs<T, Acc>(u, delta, w, bc.B, bc.C, z, sh, delta_softplus, true);
+    const auto in = scan_inputs<T, Acc>(u, delta, w, bc, z, sh, delta_softplus, true);
     const TaskRange tr(sh.batch, sh.G, sh.group_dim());
     GradBuffers<Acc> gb(sh.batch, sh.dim, sh.L, sh.N, tr, sh.varB, sh.varC);
     const ForkScanBwd<T, Acc> body{in, fl, View<T>(dout, 0, 2, 1), View<Acc>(ysum, 0, 2, 1), ckc.data_ptr<Acc>(),

@@ -789,16 +789,6 @@ void check_grid(const ScanShape& sh) {
   TORCH_CHECK_VALUE(sh.G <= 65535, "the CUDA scan supports up to 65535 groups of B / C, got ", sh.G);
 }
 
-// B and C as the kernels read them (see ScanParams): a time-varying operand
-// as its grouped 4-D view (selective_scan (b, G, N, L), fork_scan
-// (b, L, G, N); no copy), an input-independent one contiguous (D, N).
-struct BCOperands {
-  at::Tensor B, C;
-  BCOperands(const at::Tensor& B_, const at::Tensor& C_, bool token_major)
-      : B(B_.dim() == 2 ? B_.contiguous() : grouped_view(B_, token_major)),
-        C(C_.dim() == 2 ? C_.contiguous() : grouped_view(C_, token_major)) {}
-};
-
 // The (b, state, token) view of group 0 of a grouped 4-D tensor t (layout as
 // in BCOperands); gstride: its group stride.
 template <typename P>

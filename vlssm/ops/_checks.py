@@ -75,25 +75,22 @@ def scan_bc(name: str, t, u: torch.Tensor, batch: int, dim: int, L: int, N: int,
     """
     not_complex(name, t)
     if token_major:
-        layouts = {3: ("(batch, seqlen, dstate)", (batch, L, N)), 4: ("(batch, seqlen, groups, dstate)", None)}
+        layout3, layout4 = "(batch, seqlen, dstate)", "(batch, seqlen, groups, dstate)"
     else:
-        layouts = {3: ("(batch, dstate, seqlen)", (batch, N, L)), 4: ("(batch, groups, dstate, seqlen)", None)}
+        layout3, layout4 = "(batch, dstate, seqlen)", "(batch, groups, dstate, seqlen)"
     ndim = t.dim() if isinstance(t, torch.Tensor) else 3
     if ndim == 2:
         return param(name, t, "u", u, (dim, N), "(dim, dstate)"), 0
-    if ndim not in layouts:
+    if ndim == 3:
+        return like(name, t, "u", u, (batch, L, N) if token_major else (batch, N, L), layout3), 1
+    if ndim != 4:
         tensor(name, t, ndim, "")  # type / dtype / emptiness first
-        raise ValueError(f"{name} must have shape {layouts[3][0]}, {layouts[4][0]} or (dim, dstate), "
-                         f"got {_shape_str(t.shape)}")
-    layout, shape = layouts[ndim]
-    if ndim == 4:
-        tensor(name, t, 4, layout)
-        G = t.shape[2 if token_major else 1]
-        if dim % G:
-            raise ValueError(f"{name} has {G} groups (shape {_shape_str(t.shape)}), which must divide dim = {dim}")
-        shape = (batch, L, G, N) if token_major else (batch, G, N, L)
-    like(name, t, "u", u, shape, layout)
-    return t, (shape[2 if token_major else 1] if ndim == 4 else 1)
+        raise ValueError(f"{name} must have shape {layout3}, {layout4} or (dim, dstate), got {_shape_str(t.shape)}")
+    tensor(name, t, 4, layout4)
+    G = t.shape[2 if token_major else 1]
+    if dim % G:
+        raise ValueError(f"{name} has {G} groups (shape {_shape_str(t.shape)}), which must divide dim = {dim}")
+    return like(name, t, "u", u, (batch, L, G, N) if token_major else (batch, G, N, L), layout4), G
 
 
 def scan_bc_pair(B, C, u: torch.Tensor, batch: int, dim: int, L: int, N: int, token_major: bool):

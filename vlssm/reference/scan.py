@@ -51,8 +51,9 @@ def selective_scan_ref(
 
     Shapes: u, delta, z: (b, D, L); A: (D, N); D, delta_bias: (D,);
     initial_state: (b, D, N). B and C each: (b, N, L); grouped (b, G, N, L),
-    channel d using group d // (D // G); or input-independent (D, N). Returns out (b, D, L) in u's dtype and, with
-    ``return_last_state``, the final state (b, D, N) in the compute dtype.
+    channel d using group d // (D // G); or input-independent (D, N). Returns
+    out (b, D, L) in u's dtype and, with ``return_last_state``, the final state
+    (b, D, N) in the compute dtype.
 
     ``reverse=True`` scans from token L-1 down to token 0: literally
     ``flip(scan(flip(inputs)))``.
