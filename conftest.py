@@ -108,7 +108,8 @@ def pytest_report_header(config):
         return [f"vlssm: import failed ({_CHOICE}): {type(e).__name__}: {e}"]
     where = os.path.dirname(os.path.abspath(vlssm.__file__))
     ext = _backend.load_extension()
-    ext_s = f"loaded ({os.path.basename(ext.__file__)})" if ext is not None else f"NOT loaded: {_backend.extension_error()}"
+    ext_s = (f"loaded ({os.path.basename(ext.__file__)})" if ext is not None
+             else f"NOT loaded: {_backend.extension_error()}")
     return [f"vlssm {getattr(vlssm, '__version__', '?')} from {where} [{_CHOICE}]; vlssm._C {ext_s}"]
 
 

@@ -64,7 +64,8 @@ def extensions():
         nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        return [CUDAExtension("vlssm._C", sources, extra_compile_args={"cxx": cxx + ["-DVLSSM_WITH_CUDA"], "nvcc": nvcc},
+        return [CUDAExtension("vlssm._C", sources,
+                              extra_compile_args={"cxx": cxx + ["-DVLSSM_WITH_CUDA"], "nvcc": nvcc},
                               extra_link_args=["-fopenmp"])]
     return [CppExtension("vlssm._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
 
@@ -76,8 +77,8 @@ def build_ext_cls():
 
 
 setup(
-    packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.models", "vlssm.profile", "vlssm.kernels",
-              "vlssm.data", "vlssm.bench"],
+    packages=["vlssm", "vlssm.ops", "vlssm.reference", "vlssm.modules", "vlssm.models", "vlssm.profile",
+              "vlssm.kernels", "vlssm.data", "vlssm.bench", "vlssm.testing"],
     package_dir={"vlssm.kernels": "kernels"},
     package_data={"vlssm.models": ["configs/*.json"]},
     ext_modules=extensions(),

@@ -6,7 +6,7 @@
 #                           tests/gpu (every op, backend "cuda" and "triton", every
 #                           dtype vs the float64 reference, gradients, gradcheck,
 #                           opcheck, torch.compile, CUDA-graph capture of QMVL
-#                           forward+backward, mamba_ssm oracle) and bench/check_cuda.py
+#                           forward+backward, mamba_ssm oracle) and vlssm.bench.check_cuda
 #                           (CUDA vs CPU kernels op by op), then
 #                           `vlssm bench gpu` (QMVL providers), `vlssm bench scan --device
 #                           cuda` (fork_scan bandwidth vs device copy) and `vlssm bench ifm
@@ -123,8 +123,8 @@ if [[ $SKIP != *" tests "* ]]; then
     $PY -m pytest tests/gpu -q -rs -p no:cacheprovider --durations=10 >"$OUT/tests.log" 2>&1
     TEST_RC=$?
     tail -15 "$OUT/tests.log"
-    say "CUDA vs CPU kernels, op by op: bench/check_cuda.py"
-    { echo; echo "--- bench/check_cuda.py"; $PY bench/check_cuda.py; } >>"$OUT/tests.log" 2>&1 || TEST_RC=1
+    say "CUDA vs CPU kernels, op by op: python -m vlssm.bench.check_cuda"
+    { echo; echo "--- python -m vlssm.bench.check_cuda"; $PY -m vlssm.bench.check_cuda; } >>"$OUT/tests.log" 2>&1 || TEST_RC=1
     grep -c "^ok" "$OUT/tests.log" | sed 's/^/check_cuda ok lines: /'
     grep "^FAIL" "$OUT/tests.log" | head -20
 fi

@@ -1,5 +1,5 @@
-// Schemas of the attention ops (a fragment of the vlssm library; the other
-// schemas are in vlssm.cpp). Kernels: csrc/cpu/attention_cpu.cpp and the
+// Schemas of the attention family (a fragment of the vlssm library; csrc/vlssm.cpp
+// holds the library and module init). Kernels: csrc/cpu/attention_cpu.cpp and the
 // Triton ops of kernels/attention.py; fake and autograd in vlssm/ops/attention.py.
 #include <torch/library.h>
 

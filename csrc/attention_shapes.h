@@ -1,12 +1,12 @@
 // Argument checks of the attention ops, shared by every backend (see
-// scan_shapes.h for the conventions: ValueError / TypeError naming the argument).
+// checks.h for the conventions: ValueError / TypeError naming the argument).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cmath>
 
-#include "scan_shapes.h"
+#include "checks.h"
 
 namespace vlssm {
 

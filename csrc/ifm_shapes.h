@@ -1,5 +1,5 @@
 // Argument checks of the Interaction and Fusion Module ops (relation_aggregate,
-// kcr_loss), shared by every backend. Same rules as csrc/scan_shapes.h:
+// kcr_loss), shared by every backend. Same rules as csrc/checks.h:
 // ValueError / TypeError naming the argument and the expected shape.
 #pragma once
 
@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "scan_shapes.h"
+#include "checks.h"
 
 namespace vlssm {
 

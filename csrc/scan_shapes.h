@@ -1,8 +1,7 @@
-// Argument checks shared by every backend of the vlssm ops. They raise
-// ValueError / TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) naming the
-// argument and the expected shape, so a bad direct call of torch.ops.vlssm.*
-// never reads out of bounds. The public Python API checks first with the same
-// rules and friendlier wording.
+// The scan family's shapes (selective_scan, fork_scan): B / C layouts
+// (ScanShape), fork segments and checkpoints (ForkLayout), the operands and
+// outputs as every compiled backend reads and allocates them, and the argument
+// checks of the forward and backward ops (the generic checks: checks.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,9 +12,11 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
+
 namespace vlssm {
 
-// Steps between saved scan states (checkpoints); vlssm/ops/_schema.py mirrors it.
+// Steps between saved scan states (checkpoints); vlssm/ops/scan.py mirrors it.
 constexpr int64_t kCheckpointChunk = 64;
 
 inline int64_t num_checkpoints(int64_t len) { return (len + kCheckpointChunk - 1) / kCheckpointChunk; }
@@ -27,9 +28,6 @@ struct ForkLayout {
   ForkLayout(int64_t p_, int64_t s_) : p(p_), s(s_), nck_p(num_checkpoints(p_)), nck_s(num_checkpoints(s_)),
                                         nck(nck_p + 2 * nck_s) {}
 };
-
-// State / parameter dtype: float64 for float64 inputs, float32 otherwise.
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // B and C each come in one of mamba_ssm's three layouts:
 //   time-varying, one group:  selective_scan (b, N, L),    fork_scan (b, L, N);
@@ -61,11 +59,6 @@ struct BCOperands {
         C(C_.dim() == 2 ? C_.contiguous() : grouped_view(C_, token_major)) {}
 };
 
-// An optional operand made contiguous, or an undefined tensor when absent.
-inline at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
 // The per-channel parameters as every compiled kernel reads them: contiguous,
 // D and delta_bias undefined when absent.
 struct ScanWeights {
@@ -90,51 +83,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_scan_outputs(const at
   const auto acc_opts = u.options().dtype(acc_dtype(u.scalar_type()));
   return {at::empty({sh.batch, fl.s, sh.dim}, u.options()), at::empty({sh.batch, fl.s, sh.dim}, acc_opts),
           at::empty({sh.batch, sh.dim, fl.nck, sh.N}, acc_opts)};
-}
-
-inline std::string shape_str(at::IntArrayRef s) {
-  std::string r = "(";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + (s.size() == 1 ? ",)" : ")");
-}
-
-inline void check_tensor(const char* name, const at::Tensor& t, std::vector<int64_t> shape, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.defined(), name, " is undefined");
-  TORCH_CHECK_VALUE(t.sizes().vec() == shape, name, " must have shape ", shape_str(shape), ", got ",
-                    shape_str(t.sizes()));
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), name, ": unsupported device ", t.device());
-}
-
-// An activation operand: given shape, u's dtype and device.
-inline void check_act(const char* name, const at::Tensor& t, std::vector<int64_t> shape, const at::Tensor& u) {
-  check_tensor(name, t, shape, u.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == u.device(), name, " must be on ", u.device(), ", got ", t.device());
-}
-
-inline void check_same(const char* name, const at::Tensor& t, const at::Tensor& like) {
-  check_act(name, t, like.sizes().vec(), like);
-}
-
-inline void check_checkpoints(const at::Tensor& ck, std::vector<int64_t> shape, at::ScalarType dtype) {
-  check_tensor("checkpoints", ck, shape, dtype);
-}
-
-inline void check_floating(const char* name, const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, name,
-                   " must be float16, bfloat16, float32 or float64, got ", s);
-}
-
-// Parameters (A, D, delta_bias, initial_state) are in the accumulation dtype.
-inline void check_param(const char* name, const at::Tensor& t, std::vector<int64_t> shape, const at::Tensor& u) {
-  check_tensor(name, t, shape, acc_dtype(u.scalar_type()));
-  TORCH_CHECK_VALUE(t.device() == u.device(), name, " must be on ", u.device(), ", got ", t.device());
-}
-
-inline void check_not_complex(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(!t.is_complex(), name, " is complex (", t.scalar_type(),
-                   "): complex A / B / C are not supported, only real float16 / bfloat16 / float32 / float64");
 }
 
 // B or C (see ScanShape): returns its group count, 0 for input-independent.
@@ -257,27 +205,6 @@ inline ScanShape check_fork_scan_backward(const at::Tensor& dout, const at::Tens
   check_tensor("ysum", ysum, {sh.batch, s, sh.dim}, acc_type);
   const int64_t nck = num_checkpoints(prefix_len) + 2 * num_checkpoints(s);
   check_checkpoints(checkpoints, {sh.batch, sh.dim, nck, sh.N}, acc_type);
-  return sh;
-}
-
-// fork_conv1d: x_prefix (b, p, E), x_suffix (b, s, E), weight (E, K), bias (E),
-// all in x_prefix's dtype.
-struct ConvShape {
-  int64_t batch, p, s, E, K;
-};
-
-inline ConvShape check_fork_conv1d(const at::Tensor& xp, const at::Tensor& xs, const at::Tensor& w,
-                                   const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(xp.dim() == 3, "x_prefix must have shape (batch, prefix_len, dim), got ", shape_str(xp.sizes()));
-  TORCH_CHECK_VALUE(xs.dim() == 3, "x_suffix must have shape (batch, suffix_len, dim), got ", shape_str(xs.sizes()));
-  check_floating("x_prefix", xp);
-  TORCH_CHECK_VALUE(w.dim() == 2, "weight must have shape (dim, d_conv), got ", shape_str(w.sizes()));
-  const ConvShape sh{xp.size(0), xp.size(1), xs.size(1), xp.size(2), w.size(1)};
-  TORCH_CHECK_VALUE(sh.batch > 0 && sh.s > 0 && sh.E > 0 && sh.K > 0, "empty input: x_prefix ",
-                    shape_str(xp.sizes()), ", x_suffix ", shape_str(xs.sizes()), ", weight ", shape_str(w.sizes()));
-  check_act("x_suffix", xs, {sh.batch, sh.s, sh.E}, xp);
-  check_act("weight", w, {sh.E, sh.K}, xp);
-  if (bias.has_value()) check_act("bias", *bias, {sh.E}, xp);
   return sh;
 }
 

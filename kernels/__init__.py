@@ -8,12 +8,8 @@ imported by ``import vlssm.ops`` when triton is installed (never inside a
 torch.compile trace). Kernels read their operands through strides or the op
 makes them contiguous first: a stride-0 gradient (from ``.sum()``) is common.
 """
-from . import attention  # noqa: E402,F401
-from . import ifm_ops  # noqa: E402,F401
-from . import fork_conv1d  # noqa: E402,F401
-from . import scan  # noqa: E402,F401
+from ..ops import flops as _flops
+from . import attention, conv, ifm, scan  # noqa: F401 - importing each defines its Triton ops
 
 # FLOP formulas (torch.utils.flop_counter) for the ops just defined; idempotent.
-from ..ops import flops as _flops  # noqa: E402
-
 _flops.register()

@@ -60,11 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import fork as _fork
 from ..ops import scan as _scan
 from ..ops._checks import FLOATING, acc_dtype, operand
-from ..ops._schema import CHECKPOINT_CHUNK, num_checkpoints
-
+from ..ops.scan import CHECKPOINT_CHUNK, num_checkpoints
 from ._op import INTERPRET, kernel_op, launch
 from .attention import _store_cast
 
@@ -658,13 +656,13 @@ def fork_scan_backward_triton(dout: torch.Tensor, u: torch.Tensor, delta: torch.
     return list(grads[:8])
 
 
-torch.library.register_fake("vlssm::selective_scan_triton")(_scan.fake)
-torch.library.register_fake("vlssm::selective_scan_backward_triton")(_scan.fake_backward)
+torch.library.register_fake("vlssm::selective_scan_triton")(_scan.selective_scan_fake)
+torch.library.register_fake("vlssm::selective_scan_backward_triton")(_scan.selective_scan_fake_backward)
 torch.library.register_autograd("vlssm::selective_scan_triton",
-                                _scan.make_backward(torch.ops.vlssm.selective_scan_backward_triton),
-                                setup_context=_scan.setup_context)
-torch.library.register_fake("vlssm::fork_scan_triton")(_fork.scan_fake)
-torch.library.register_fake("vlssm::fork_scan_backward_triton")(_fork.scan_fake_backward)
+                                _scan.make_selective_scan_backward(torch.ops.vlssm.selective_scan_backward_triton),
+                                setup_context=_scan.selective_scan_setup_context)
+torch.library.register_fake("vlssm::fork_scan_triton")(_scan.fork_scan_fake)
+torch.library.register_fake("vlssm::fork_scan_backward_triton")(_scan.fork_scan_fake_backward)
 torch.library.register_autograd("vlssm::fork_scan_triton",
-                                _fork.make_scan_backward(torch.ops.vlssm.fork_scan_backward_triton),
-                                setup_context=_fork.scan_setup_context)
+                                _scan.make_fork_scan_backward(torch.ops.vlssm.fork_scan_backward_triton),
+                                setup_context=_scan.fork_scan_setup_context)

@@ -9,7 +9,8 @@ The configs (registered in open_clip's config registry for the session):
 
 each with a 1-layer, width-32 text tower of CLIP's context length and vocabulary (CLIP's BPE
 tokenizer). Tests import nothing from here (``--import-mode=importlib``): they name the configs
-(tests/models, tests/profile, tests/train).
+(tests/models, tests/profile, tests/train). The ``seed`` fixture gives every test case its own
+reproducible seed. Shared helpers are :mod:`vlssm.testing`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ CONFIGS = {
     "vlssm-test-timm-tower": {"embed_dim": 32, "text_cfg": TEXT, "vision_cfg": {
         "image_size": 224, "timm_model_name": "resnet18", "timm_pool": "avg", "timm_proj": "linear"}},
 }
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A different, reproducible seed for every test case (from its node id)."""
+    from vlssm import testing
+
+    return testing.seed_of(request.node.nodeid)
 
 
 @pytest.fixture(scope="session", autouse=True)

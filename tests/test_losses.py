@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vlssm import _backend, ops
+from vlssm import (
+    ops,
+    testing,  # not `as T`: T is a targets tensor below
+)
 from vlssm.losses import AsymmetricLoss, CompensatingLogitAdjustedLoss, DistributionBalancedFocalLoss, KCRLoss
-
-_OPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops")
-if _OPS not in sys.path:  # the op tests' helpers (check_raises), as tests/gpu and tests/cuda_emu use them
-    sys.path.insert(0, _OPS)
-from _ops_testlib import check_raises  # noqa: E402
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
@@ -36,12 +32,8 @@ F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 # --------------------------------------------------------------------------
 # Helpers
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def logits_targets(seed: int, shape=(3, 5), scale: float = 4.0, dtype=F64):
-    g = gen(seed)
+    g = testing.gen(seed)
     z = (torch.randn(shape, generator=g, dtype=F64) * scale).to(dtype)
     y = (torch.rand(shape, generator=g) < 0.4).to(F64)
     y[0] = 0.0                      # an image without positives
@@ -239,7 +231,7 @@ def test_asl_ignore_index():
     all_ignored = AsymmetricLoss(ignore_index=-1, reduction="mean")(z, torch.full_like(y, -1.0))
     assert all_ignored.item() == 0.0
     # Without ignore_index, -1 is a bad target.
-    check_raises(ValueError, "targets", AsymmetricLoss(), z, y_ign)
+    testing.check_raises(ValueError, "targets", AsymmetricLoss(), z, y_ign)
 
 
 # --------------------------------------------------------------------------
@@ -524,13 +516,12 @@ def kcr_literal(t_ka, t_ca, eps=1e-8):
 
 
 KCR_BACKENDS = [None, "reference",
-                pytest.param("cpu", marks=pytest.mark.skipif(not _backend.extension_available(),
-                                                             reason="vlssm._C not built"))]
+                pytest.param("cpu", marks=testing.requires_ext)]
 
 
 @pytest.mark.parametrize("backend", KCR_BACKENDS)
 def test_kcr_loss_matches_eq9(backend):
-    g = gen(30)
+    g = testing.gen(30)
     t_ka = torch.randn(5, 6, generator=g, dtype=F64)             # (C, d): shared by the batch
     t_ca = torch.randn(2, 5, 6, generator=g, dtype=F64) + 0.3    # (B, C, d)
     loss = KCRLoss(backend=backend)
@@ -550,7 +541,7 @@ def test_kcr_loss_matches_eq9(backend):
 
 
 def test_kcr_loss_is_the_op():
-    g = gen(31)
+    g = testing.gen(31)
     t_ka, t_ca = torch.randn(3, 4, 8, generator=g, dtype=F64), torch.randn(3, 4, 8, generator=g, dtype=F64)
     t_ka[0, 1] *= 1e-9                        # a row whose norm is below eps: the clamp binds
     got = KCRLoss(eps=1e-6)(t_ka, t_ca)
@@ -635,9 +626,9 @@ BAD = [
 
 @pytest.mark.parametrize("fn,exc,name", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_inputs(fn, exc, name):
-    check_raises(exc, name, fn)
+    testing.check_raises(exc, name, fn)
 
 
 def test_zero_frequency_message_names_the_class():
-    msg = check_raises(ValueError, "class_freq", DistributionBalancedFocalLoss, [3, 5, 0, 2], 10)
+    msg = testing.check_raises(ValueError, "class_freq", DistributionBalancedFocalLoss, [3, 5, 0, 2], 10)
     assert "class 2" in msg

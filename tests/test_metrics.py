@@ -11,9 +11,18 @@ import pytest
 import torch
 
 from vlssm import metrics as M
-from vlssm.metrics import (Accuracy, MeanAveragePrecision, MultilabelScores, accuracy, average_precision,
-                           group_mean_average_precision, harmonic_mean, mean_average_precision, multilabel_scores,
-                           split_by_frequency)
+from vlssm.metrics import (
+    Accuracy,
+    MeanAveragePrecision,
+    MultilabelScores,
+    accuracy,
+    average_precision,
+    group_mean_average_precision,
+    harmonic_mean,
+    mean_average_precision,
+    multilabel_scores,
+    split_by_frequency,
+)
 
 
 def _random(n: int, c: int, seed: int, levels: int = 0, p: float = 0.3):

@@ -64,11 +64,19 @@ def extension_available() -> bool:
     return load_extension() is not None
 
 
+def check_backend(backend, what: str = "backend") -> Optional[str]:
+    """``backend`` as a backend name (lower case), or None for None; anything else raises a
+    ValueError naming ``what``. The one check of a backend name: ops, modules, losses and
+    ``VLSSM_BACKEND`` all go through it."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str) or backend.strip().lower() not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS} or None, got {backend!r}")
+    return backend.strip().lower()
+
+
 def default_backend() -> str:
-    name = os.environ.get("VLSSM_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"VLSSM_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
+    return check_backend(os.environ.get("VLSSM_BACKEND", "auto").strip() or "auto", what="VLSSM_BACKEND")
 
 
 def cuda_kernels_built() -> bool:
@@ -192,10 +200,7 @@ def resolve_backend(backend: Optional[str], device: torch.device,
     the compiled extension failed to import); ``auto`` takes the first usable
     of the device's preference order and falls back to ``"reference"``.
     """
-    name = default_backend() if backend is None else backend
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    name = name.lower()
+    name = default_backend() if backend is None else check_backend(backend)
     device = torch.device(device)
     if name != "auto":
         if name not in implemented:

@@ -172,14 +172,18 @@ def format_report(info: Dict[str, Any]) -> str:
     add("python", f"{info['python']['version']}  ({info['python']['executable']})")
     add("platform", info["platform"])
     t = info["torch"]
-    build = f"CUDA {t['cuda_build']}" if t["cuda_build"] else ("ROCm " + t["hip_build"] if t["hip_build"] else "CPU-only")
+    if t["cuda_build"]:
+        build = f"CUDA {t['cuda_build']}"
+    else:
+        build = "ROCm " + t["hip_build"] if t["hip_build"] else "CPU-only"
     add("torch", f"{t['version']}  (build: {build})")
     add("triton", info["triton"] or "not installed")
     cuda = info["cuda"]
     if cuda["available"] is None:
         add("CUDA available", "not probed")
     elif cuda["available"]:
-        devs = ", ".join(f"cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')})" for d in cuda["devices"])
+        devs = ", ".join(f"cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')})"
+                         for d in cuda["devices"])
         add("CUDA available", f"yes: {devs}")
     else:
         add("CUDA available", "no")

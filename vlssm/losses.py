@@ -38,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from ._backend import BACKENDS
+from ._backend import check_backend
+from ._dtypes import acc_dtype
 
 __all__ = ["AsymmetricLoss", "DistributionBalancedFocalLoss", "CompensatingLogitAdjustedLoss", "KCRLoss"]
 
@@ -131,10 +132,6 @@ def _logits(logits, ndim: Optional[int] = None, layout: str = "(..., C)") -> tor
     if logits.dim() == 0 or logits.numel() == 0:
         raise ValueError(f"logits must have shape {layout} and not be empty, got {_shape_str(logits.shape)}")
     return logits
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tracing() -> bool:
@@ -275,7 +272,7 @@ class AsymmetricLoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         _logits(logits)
         pos, valid = _binary_targets(targets, logits, self.ignore_index)
-        z = logits.to(_compute_dtype(logits.dtype))
+        z = logits.to(acc_dtype(logits.dtype))
         log_eps = math.log(self.eps)
         log_pos = F.logsigmoid(z).clamp(min=log_eps)
         if self.clip > 0:
@@ -417,7 +414,7 @@ class DistributionBalancedFocalLoss(nn.Module):
             raise ValueError(f"logits must have shape (B, C) with C = {self.num_classes} (len(class_freq)), "
                              f"got {_shape_str(logits.shape)}")
         pos, valid = _binary_targets(targets, logits, self.ignore_index)
-        cd = _compute_dtype(logits.dtype)
+        cd = acc_dtype(logits.dtype)
         z = logits.to(cd)
         with torch.no_grad():
             w = self.rebalance_weight(pos, cd)
@@ -496,7 +493,7 @@ class CompensatingLogitAdjustedLoss(nn.Module):
 
     def adjusted_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """l + tau log(pi), in the compute dtype (float32 for half / bfloat16 logits)."""
-        cd = _compute_dtype(logits.dtype)
+        cd = acc_dtype(logits.dtype)
         return logits.to(cd) + self.tau * self.log_prior(cd, logits.device)
 
     def _class_targets(self, targets, logits: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -567,9 +564,7 @@ class KCRLoss(nn.Module):
     def __init__(self, eps: float = 1e-8, backend: Optional[str] = None):
         super().__init__()
         self.eps = _number("eps", eps, min_value=0.0)
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, backend={self.backend!r}"

@@ -100,7 +100,8 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", choices=_model_names(), metavar="MODEL",
                    help=f"a registered model: {', '.join(_model_names())}")
-    p.add_argument("--backbone", default=None, help="open_clip architecture (default: the model's; demo: vlssm-demo-RN)")
+    p.add_argument("--backbone", default=None,
+                   help="open_clip architecture (default: the model's; demo: vlssm-demo-RN)")
     p.add_argument("--image-size", type=positive_int, default=None, help="input side S (default: the model's)")
     p.add_argument("--clip-checkpoint", default=None, metavar="FILE",
                    help="a local open_clip / OpenAI CLIP file for the encoders (default: random weights)")
@@ -478,7 +479,8 @@ def compute_metrics(scores: torch.Tensor, targets: torch.Tensor, multi_label: bo
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, loader, d: _Dist, amp: str, progress: bool, desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _predict(model: nn.Module, loader, d: _Dist, amp: str, progress: bool,
+             desc: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores and targets of the loader's shard, gathered over all processes, in dataset order."""
     from tqdm.auto import tqdm
 

@@ -13,7 +13,7 @@
 // float32 scores buffer, rounded once into probs / out / the gradients).
 // Operands are read through strides (transposed, sliced, stride-0 batch).
 // The row functions are multiversioned (VLSSM_CLONES) and vectorized with
-// `omp simd` and the branch-free fast_exp of scan_math.h.
+// `omp simd` and the branch-free fast_exp of fast_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "../attention_shapes.h"
-#include "../scan_math.h"
+#include "../fast_math.h"
 #include "simd.h"
 
 namespace vlssm {

@@ -31,7 +31,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../scan_math.h"
+#include "../fast_math.h"
 #include "../scan_shapes.h"
 #include "simd.h"
 

@@ -84,7 +84,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "common.cuh"
+#include "../scan_shapes.h"
+#include "plumbing.cuh"
 
 namespace vlssm {
 namespace cuda {

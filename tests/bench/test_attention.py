@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vlssm
-from vlssm import _backend
-from vlssm import bench
+from vlssm import _backend, bench
 from vlssm.bench import attention as A
 from vlssm.modules.baselines import SDPACross, SDPACrossBlock, SDPASelf, SDPASelfBlock
 

@@ -1,6 +1,6 @@
 """The CUDA kernels of csrc/cuda, run on the CPU under an emulation of the CUDA
-execution model (include/cuda_emu.h, built by build.py), against vlssm's CPU
-kernels: the cases of bench/check_cuda.py (every N config of the scan
+execution model (include/cuda_emu.h, built by vlssm.testing.cuda_emu), against
+vlssm's CPU kernels: the cases of vlssm.bench.check_cuda (every N config of the scan
 kernels, every dtype, odd sizes, views, broadcast, reverse, initial / final
 states), forward and backward; its "layout-" cases (grouped and
 input-independent B / C) against the float64 reference instead.
@@ -15,13 +15,12 @@ misuse) is checked by selftest.cu; a build with a planted bug must fail the
 comparison; an AddressSanitizer build (when libasan is found) runs the cases
 again in a subprocess to catch out-of-bounds accesses of global and shared
 memory, and outputs left unwritten (every allocation starts as NaN there).
-VLSSM_EMU_FULL=1 runs every case of check_cuda.py (391, about 17 minutes on
+VLSSM_EMU_FULL=1 runs every case of check_cuda (391, about 17 minutes on
 2 cores) and every planted bug.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -32,22 +31,11 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+from vlssm import testing as T
+from vlssm.bench import check_cuda
+from vlssm.testing import cuda_emu
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-emu_build = _load("vlssm_cuda_emu_build", HERE / "build.py")
-check_cuda = _load("vlssm_check_cuda", ROOT / "bench" / "check_cuda.py")
-if str(ROOT / "tests" / "ops") not in sys.path:  # the op tests' helpers, as tests/gpu uses them
-    sys.path.insert(0, str(ROOT / "tests" / "ops"))
-import _ops_testlib as T  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: csrc/ and this folder's emulator (include/, selftest.cu)
 
 CPU = torch.device("cpu")
 FULL = os.environ.get("VLSSM_EMU_FULL", "") not in ("", "0")
@@ -67,7 +55,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def emu():
-    torch.ops.load_library(emu_build.build())
+    torch.ops.load_library(cuda_emu.build(root=ROOT))
     return torch.ops.vlssm_cuda_emu
 
 
@@ -276,7 +264,7 @@ def test_emulated_shuffle_after_exit_raises(selftest):
         not FULL, reason="a race: caught through the NaN-poisoned shared memory, but not deterministically")),
 ])
 def test_planted_bug_fails_the_comparison(mutant):
-    lib = emu_build.build(mutant=mutant)
+    lib = cuda_emu.build(root=ROOT, mutant=mutant)
     torch.ops.load_library(lib)
     planted = getattr(torch.ops, Path(lib).stem)  # the mutant's ops live in a namespace of its own
     bugs = mutant.split("+")
@@ -322,12 +310,11 @@ def _asan_preload():
 # Runs with libasan preloaded (an ASan-built library cannot load otherwise),
 # so it also builds the library: cpp_extension.load loads what it builds.
 ASAN_SCRIPT = """
-import os, sys, torch
+import sys, torch
 from pathlib import Path
-sys.path.insert(0, {bench!r})
-sys.path.insert(0, {here!r})
-import build, check_cuda
-lib = build.build(mutant={mutant!r})
+from vlssm.testing import cuda_emu
+from vlssm.bench import check_cuda
+lib = cuda_emu.build(root={root!r}, mutant={mutant!r})
 emu = getattr(torch.ops, Path(lib).stem)
 failures = []
 for det in (False, True):  # the backward's atomic and deterministic (partials) paths
@@ -346,15 +333,15 @@ sys.exit(1 if failures else 0)
     pytest.param("fwd-smem-short", marks=pytest.mark.skipif(not FULL, reason="a second ASan build (~1 min)")),
 ])
 def test_no_out_of_bounds_access_under_asan(mutant, tmp_path):
-    """The quick float32 / bfloat16 cases, the odd sizes and the default layout cases in an AddressSanitizer build, with every
-    allocation NaN-filled (so an unwritten output or partial-sum slot fails the comparison), in the
+    """The quick float32 / bfloat16 cases, the odd sizes and the default layout cases in an AddressSanitizer
+    build, with every allocation NaN-filled (so an unwritten output or partial-sum slot fails the comparison), in the
     default and the deterministic mode; a planted one-element shared-memory overflow must be reported."""
     preload = _asan_preload()
     if preload is None:
         pytest.skip("libasan or libstdc++ not found")
     script = tmp_path / "asan_cases.py"
     ids = sorted(ODD | LAYOUT | {cid for cid in QUICK if "float32" in cid or "bfloat16" in cid})
-    script.write_text(ASAN_SCRIPT.format(bench=str(ROOT / "bench"), here=str(HERE), mutant=mutant, ids=ids))
+    script.write_text(ASAN_SCRIPT.format(root=str(ROOT), mutant=mutant, ids=ids))
     # malloc_fill_byte: every allocation starts as 0xff bytes (NaN), so an output element no thread writes
     # fails check_cuda's isfinite check
     env = dict(os.environ, VLSSM_EMU_ASAN="1", LD_PRELOAD=preload,

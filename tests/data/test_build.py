@@ -7,8 +7,16 @@ import os
 import pytest
 import torch
 
-from vlssm.data import (DATASETS, CSVDataset, DigitMosaics, FolderDataset, VOCDataset, add_data_arguments,
-                        build_dataset, datasets_from_args)
+from vlssm.data import (
+    DATASETS,
+    CSVDataset,
+    DigitMosaics,
+    FolderDataset,
+    VOCDataset,
+    add_data_arguments,
+    build_dataset,
+    datasets_from_args,
+)
 
 
 def parse(*argv):
@@ -33,7 +41,8 @@ def test_datasets_tuple():
 
 
 def test_build_dataset_unknown_name():
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet': choose one of demo, coco, voc, list, csv, folder"):
+    msg = "unknown dataset 'imagenet': choose one of demo, coco, voc, list, csv, folder"
+    with pytest.raises(ValueError, match=msg):
         build_dataset("imagenet", "train")
 
 

@@ -10,8 +10,7 @@ import os
 import pytest
 import torch
 
-from vlssm.data import (COCODataset, CSVDataset, FolderDataset, ListDataset, VOC_CLASSES, VOCDataset,
-                        frequency_groups)
+from vlssm.data import VOC_CLASSES, COCODataset, CSVDataset, FolderDataset, ListDataset, VOCDataset, frequency_groups
 
 
 def T(*rows):

@@ -2,19 +2,14 @@
 
 The whole folder skips without a CUDA device (CI has none; ``bench/gpu.sh``
 runs it on a lent GPU). The input generators and assertions are the op tests'
-(tests/ops/_ops_testlib.py), put on ``sys.path`` here.
+(:mod:`vlssm.testing`).
 """
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
-
-_OPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops")
-if _OPS not in sys.path:
-    sys.path.insert(0, _OPS)
 
 
 def pytest_collection_modifyitems(config, items):

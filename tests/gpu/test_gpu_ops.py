@@ -16,8 +16,8 @@ from typing import Callable, Dict, List
 import pytest
 import torch
 
-import _ops_testlib as T
-from vlssm import _backend, ops
+from vlssm import ops
+from vlssm import testing as T
 from vlssm.reference import (
     attention_with_probs_ref,
     fork_conv1d_ref,
@@ -28,17 +28,6 @@ from vlssm.reference import (
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = [F32, F64, BF16, F16]
 SCAN_BACKENDS = ["cuda", "triton"]
-
-
-def _skip_unless(backend: str) -> None:
-    why = _backend._usable(backend, torch.device("cuda")) if torch.cuda.is_available() else "no CUDA"
-    if why is not None:
-        pytest.skip(why)
-
-
-@pytest.fixture
-def seed(request) -> int:
-    return T.seed_of(request.node.nodeid)
 
 
 def cuda(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -91,7 +80,7 @@ SCAN_CASES = [  # b, D, L, N, reverse, has_h0
 @pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "b{}-d{}-l{}-n{}-{}{}".format(
     *c[:4], "rev" if c[4] else "fwd", "-h0" if c[5] else ""))
 def test_selective_scan(case, dtype, backend, seed):
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     b, D, L, N, reverse, has_h0 = case
     inp = cuda(T.scan_inputs(seed, b, D, L, N, dtype, has_h0=has_h0))
     T.poison_allocator(inp["u"], inp["A"].new_empty((b, D, N)))
@@ -116,7 +105,7 @@ def test_selective_scan(case, dtype, backend, seed):
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_selective_scan_token_major_view(backend, seed):
     """A transposed view of a token-major (b, L, D) tensor is read in place."""
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     inp = cuda(T.scan_inputs(seed, 2, 40, 70, 16))
     view = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z", "B", "C") else v)
             for k, v in inp.items()}
@@ -140,7 +129,7 @@ FORK_CASES = [  # b, p, s, E, N
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", FORK_CASES, ids=lambda c: "b{}-p{}-s{}-e{}-n{}".format(*c))
 def test_fork_scan(case, dtype, backend, seed):
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     b, p, s, E, N = case
     inp = cuda(T.fork_inputs(seed, b, p, s, E, N, dtype))
     T.poison_allocator(inp["u"].new_empty((b, s, E)), inp["A"].new_empty((b, s, E)))
@@ -159,7 +148,7 @@ def test_fork_scan(case, dtype, backend, seed):
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_fork_scan_views(backend, seed):
     """Column slices of a wider tensor and a batch-broadcast z (stride 0) are read in place."""
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     b, p, s, E, N = 3, 30, 17, 40, 16
     inp = cuda(T.fork_inputs(seed, b, p, s, E, N))
     wide = torch.cat([inp["u"], inp["delta"]], -1)
@@ -180,7 +169,7 @@ CONV_CASES = [(2, 196, 80, 64, 4), (1, 0, 1, 3, 1), (3, 5, 200, 7, 3), (2, 2, 3,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "b{}-p{}-s{}-e{}-k{}".format(*c))
 def test_fork_conv1d(case, dtype, backend, seed):
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     b, p, s, E, K = case
     inp = cuda(T.conv_inputs(seed, b, p, s, E, K, dtype))
     T.poison_allocator(inp["x_prefix"].new_empty((b, p + 2 * s, E)))
@@ -196,7 +185,7 @@ def test_fork_conv1d(case, dtype, backend, seed):
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_fork_conv1d_broadcast_suffix(backend, seed):
     """A stride-0 batch view of shared label tokens works and its gradient has the view's shape."""
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     b, p, s, E, K = 3, 11, 6, 20, 4
     inp = cuda(T.conv_inputs(seed, b, p, s, E, K))
     xs = inp["x_suffix"][:1].detach().requires_grad_(True)
@@ -228,7 +217,7 @@ def test_backward_under_deterministic_algorithms(backend, seed):
     """Under torch.use_deterministic_algorithms(True) the backward is bitwise repeatable: Triton always
     (fixed-order partial sums), CUDA through its partials path instead of float atomicAdd; and its
     gradients agree with the default path's."""
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     b, p, s, E, N, K = 4, 196, 80, 256, 16, 4
     inp = cuda(T.fork_inputs(seed, b, p, s, E, N))
     cinp = cuda(T.conv_inputs(seed, b, p, s, E, K))
@@ -245,7 +234,7 @@ def test_backward_under_deterministic_algorithms(backend, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4, 80, 196, 64), (2, 3, 257, 16), (1, 1, 1, 1)], ids=str)
 def test_attention_with_probs_triton(shape, dtype, seed):
-    _skip_unless("triton")
+    T.require_backend("triton", "cuda")
     n, Lq, Lk, d = shape
     g = T.gen(seed)
     inp = {k: T.randn(g, n, L, d, dtype=dtype).cuda() for k, L in (("q", Lq), ("k", Lk), ("v", Lk))}
@@ -264,7 +253,7 @@ def test_attention_with_probs_triton(shape, dtype, seed):
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
 def test_ifm_ops_triton(dtype, seed):
     """relation_aggregate and kcr_loss on CUDA through Triton vs their references."""
-    _skip_unless("triton")
+    T.require_backend("triton", "cuda")
     from vlssm.reference import kcr_loss_ref, relation_aggregate_ref
 
     g = T.gen(seed)
@@ -304,7 +293,7 @@ def _raw_scan_calls(backend: str, seed: int):
 
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_opcheck(backend, seed):
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     for op, args in _raw_scan_calls(backend, seed):
         res = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in res.values()), (op, res)
@@ -312,7 +301,7 @@ def test_opcheck(backend, seed):
 
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_gradcheck_fp64(backend, seed):
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     s = cuda(T.scan_inputs(seed, 1, 3, 67, 2, F64, has_h0=True))
     f = cuda(T.fork_inputs(seed, 1, 3, 4, 3, 2, F64))
     c = cuda(T.conv_inputs(seed, 1, 2, 3, 3, 4, F64))
@@ -342,7 +331,7 @@ def _qmvl_pair(backend: str, dtype=F32, fused=True, B=2, M=33, C=9, d=64, seed=0
 
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_qmvl_fused_matches_reference(backend):
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     model, x, t = _qmvl_pair(backend)
     model.residual = False
     got = model(x, t)
@@ -355,7 +344,7 @@ def test_qmvl_fused_matches_reference(backend):
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_qmvl_cuda_graph_forward_backward(backend):
     """QMVL forward+backward captured in one CUDA graph replays to the eager result."""
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     model, x, t = _qmvl_pair(backend)
     x.requires_grad_(True)
     params = [x] + list(model.parameters())
@@ -388,7 +377,7 @@ def test_qmvl_cuda_graph_forward_backward(backend):
 
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_qmvl_compile_fullgraph(backend):
-    _skip_unless(backend)
+    T.require_backend(backend, "cuda")
     model, x, t = _qmvl_pair(backend)
     x.requires_grad_(True)
     compiled = torch.compile(model, fullgraph=True)
@@ -403,7 +392,7 @@ def test_qmvl_compile_fullgraph(backend):
 
 def test_qmvl_matches_mamba_ssm_cuda():
     """External oracle: the fused CUDA QMVL equals the composition on mamba_ssm's own CUDA Mamba."""
-    _skip_unless("cuda")
+    T.require_backend("cuda", "cuda")
     from vlssm.bench.gpu import mamba_ssm_status
     from vlssm.modules.baselines import MambaSsmQMVL
 
@@ -417,7 +406,7 @@ def test_qmvl_matches_mamba_ssm_cuda():
 
 
 def test_mixed_devices_raise():
-    _skip_unless("cuda")
+    T.require_backend("cuda", "cuda")
     inp = cuda(T.fork_inputs(0, 1, 2, 3, 4, 2))
     inp["A"] = inp["A"].cpu()
     T.check_raises(ValueError, "A", ops.fork_scan, **inp, prefix_len=2)

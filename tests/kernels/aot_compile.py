@@ -27,7 +27,6 @@ from collections import defaultdict
 os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
 from triton.runtime import driver  # noqa: E402
@@ -90,6 +89,7 @@ def main() -> int:
     driver.set_active(StandInCuda())
     JITFunction.run = _compile_only
     from vlssm import _backend, ops
+    from vlssm._dtypes import acc_dtype
 
     usable = _backend._usable
     _backend._usable = lambda name, device: None if name == "triton" else usable(name, device)
@@ -104,7 +104,7 @@ def main() -> int:
                                 [torch.ones_like(o) for o in outs if o.requires_grad])
 
     for dt in (torch.float32, torch.bfloat16, torch.float64):
-        acc = torch.float64 if dt == torch.float64 else torch.float32
+        acc = acc_dtype(dt)
         b, p, s, E, N, K = 2, 7, 5, 48, 16, 4
         L = p + 2 * s
         prm = lambda *sh: torch.randn(*sh, dtype=acc).requires_grad_(True)  # noqa: E731

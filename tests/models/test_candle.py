@@ -13,8 +13,6 @@ score; checkpoint round trip; torch.compile; extreme logits stay finite; bad inp
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import math
 
 import pytest
@@ -26,11 +24,7 @@ open_clip = pytest.importorskip("open_clip")
 import vlssm.models.candle  # noqa: E402,F401  (registers "candle")
 from vlssm import models  # noqa: E402
 from vlssm.models.candle import CandleConfig  # noqa: E402
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # the model tests' helpers (tests/models/_modeltest.py)
-    sys.path.insert(0, _HERE)
-from _modeltest import create  # noqa: E402
+from vlssm.testing.models import create  # noqa: E402
 
 RN = "vlssm-test-tiny-RN"     # d = 32
 VIT = "vlssm-test-tiny-ViT"   # d = 48

@@ -12,8 +12,6 @@ changes); that CAPNET trains on a small learnable problem; bad inputs.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -24,11 +22,7 @@ open_clip = pytest.importorskip("open_clip")
 import vlssm.models.capnet as capnet  # noqa: E402  (registers "capnet")
 from vlssm import models  # noqa: E402
 from vlssm.losses import DistributionBalancedFocalLoss  # noqa: E402
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # the model tests' helpers (tests/models/_modeltest.py)
-    sys.path.insert(0, _HERE)
-from _modeltest import batch, create, trainable  # noqa: E402
+from vlssm.testing.models import batch, create, trainable  # noqa: E402
 
 RN = "vlssm-test-tiny-RN"
 VIT = "vlssm-test-tiny-ViT"

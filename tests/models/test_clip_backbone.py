@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
+from vlssm import testing as T  # noqa: E402
 from vlssm.models._clip import BackboneOutput, CLIPBackbone, build_clip  # noqa: E402
 
 RN = "vlssm-test-tiny-RN"
@@ -41,9 +42,6 @@ OUT_DIM = {RN: 32, VIT: 48}
 STRIDE = {RN: 32, VIT: 16}
 POS_KEY = {RN: "visual.attnpool.positional_embedding", VIT: "visual.positional_embedding"}
 RTOL64 = 1e-10
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 @torch.no_grad()
@@ -172,15 +170,15 @@ def test_resnet_tokens_and_pooled(size):
     expected_pooled, fmap = capture_input(model.visual.attnpool, lambda: model.encode_image(x))
     out = bb(x)
     assert out.tokens.dtype == torch.float64
-    assert rel_err(out.pooled, expected_pooled) <= RTOL64
+    assert T.rel_err(out.pooled, expected_pooled) <= RTOL64
     expected = literal_resnet_tokens(model.visual, fmap)
     assert out.tokens.shape == expected.shape == (2, (size // 32) ** 2, OUT_DIM[RN])
-    assert rel_err(out.tokens, expected) <= RTOL64
+    assert T.rel_err(out.tokens, expected) <= RTOL64
     # the positional embedding matters (so the comparison above can fail), and dense_pos_embed=False drops it
     no_pos = literal_resnet_tokens(model.visual, fmap, with_pos=False)
-    assert rel_err(no_pos, expected) > 1e-3
+    assert T.rel_err(no_pos, expected) > 1e-3
     out2 = CLIPBackbone(model, dense_pos_embed=False)(x)
-    assert rel_err(out2.tokens, no_pos) <= RTOL64
+    assert T.rel_err(out2.tokens, no_pos) <= RTOL64
     assert torch.equal(out2.pooled, out.pooled)
 
 
@@ -207,13 +205,13 @@ def test_vit_tokens_and_pooled(size):
     x = images(size)
     expected_pooled, hidden = capture_output(model.visual.transformer, lambda: model.encode_image(x))
     out = bb(x)
-    assert rel_err(out.pooled, expected_pooled) <= RTOL64
+    assert T.rel_err(out.pooled, expected_pooled) <= RTOL64
     expected = literal_vit_tokens(model.visual, hidden)
     assert out.tokens.shape == expected.shape == (2, (size // 16) ** 2, OUT_DIM[VIT])
-    assert rel_err(out.tokens, expected) <= RTOL64
+    assert T.rel_err(out.tokens, expected) <= RTOL64
     # the class token is excluded: the first token is patch 0, not the class token
     cls = literal_vit_tokens(model.visual, hidden[:, [1, 0]])[:, 0]
-    assert rel_err(out.tokens[:, 0], cls) > 1e-3
+    assert T.rel_err(out.tokens[:, 0], cls) > 1e-3
 
 
 def test_float32_input_cast_to_tower_dtype():
@@ -322,7 +320,7 @@ def test_frozen_by_default():
     # eval mode: BatchNorm running statistics, so the batch does not change the output
     with torch.no_grad():
         one = bb(x[:1].detach()).tokens
-    assert rel_err(one, out.tokens[:1]) <= 1e-5
+    assert T.rel_err(one, out.tokens[:1]) <= 1e-5
 
 
 @pytest.mark.parametrize("name", [RN, VIT])
@@ -453,10 +451,10 @@ def test_import_without_open_clip():
     """vlssm.models imports without open_clip; building a backbone then says how to install it."""
     import vlssm
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(vlssm.__file__)))  # the vlssm under test
+    # the folder holding the vlssm under test, as the working directory: `python -c` imports from there first
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vlssm.__file__)))
     code = (
         "import sys\n"
-        f"sys.path.insert(0, {root!r})\n"
         "sys.modules['open_clip'] = None\n"  # makes `import open_clip` raise ImportError
         "from vlssm.models import build_clip, list_models\n"
         "assert 'mvlr' in list_models()\n"
@@ -466,7 +464,7 @@ def test_import_without_open_clip():
         "    assert 'pip install open_clip_torch' in str(e), e\n"
         "    print('OK')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]
 
 

@@ -10,10 +10,7 @@ small learnable problem; bad inputs.
 """
 from __future__ import annotations
 
-import sys
-import os
 import copy
-
 import math
 
 import pytest
@@ -23,11 +20,7 @@ open_clip = pytest.importorskip("open_clip")
 
 from vlssm import models  # noqa: E402
 from vlssm.losses import AsymmetricLoss  # noqa: E402
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # the model tests' helpers (tests/models/_modeltest.py)
-    sys.path.insert(0, _HERE)
-from _modeltest import batch, create, trainable  # noqa: E402
+from vlssm.testing.models import batch, create, trainable  # noqa: E402
 
 RN = "vlssm-test-tiny-RN"
 VIT = "vlssm-test-tiny-ViT"

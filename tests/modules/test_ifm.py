@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlssm import ops
+from vlssm import testing as T
 from vlssm.modules.ifm import IFM
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -41,21 +41,13 @@ def _inputs(B, M, C, d, dtype, seed):
     return [torch.randn(*s, generator=g, dtype=dtype) for s in ((B, M, d), (C, d), (C, d))]
 
 
-def _skip_unavailable(backend):
-    from vlssm import _backend
-
-    why = _backend._usable(backend, torch.device("cpu"))
-    if why is not None:
-        pytest.skip(why)
-
-
 @pytest.mark.parametrize("B,M,C,d,heads,folds", [(2, 5, 3, 8, 1, True), (1, 1, 1, 4, 2, True),
                                                   (3, 7, 4, 6, 3, False), (2, 3, 9, 8, 1, False)])
 def test_cross_attention_folds_when_cheaper(B, M, C, d, heads, folds):
     """Both paths of the cross-attention are exercised by the equality tests."""
     m = IFM(d, heads=heads, backend="reference")
     assert m.cross_attn.folds(C, M) is folds
-    h, dh = heads, d // heads
+    h = heads
     fold_macs = 2 * h * C * M * d + C * d * d
     plain_macs = 2 * M * d * d + 2 * C * M * d
     assert (fold_macs < plain_macs) is folds
@@ -75,7 +67,7 @@ def test_plain_torch_baseline_is_the_paper():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,M,C,d,heads", [(2, 5, 3, 8, 1), (1, 1, 1, 4, 2), (3, 7, 4, 6, 3), (2, 3, 9, 8, 1)])
 def test_matches_paper_formulas_fp64(backend, B, M, C, d, heads):
-    _skip_unavailable(backend)
+    T.require_backend(backend)
     torch.manual_seed(B * 100 + C)
     m = IFM(d, heads=heads, backend=backend).double()
     with torch.no_grad():
@@ -99,7 +91,7 @@ def test_matches_paper_formulas_fp64(backend, B, M, C, d, heads):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_close_to_fp64(backend):
-    _skip_unavailable(backend)
+    T.require_backend(backend)
     torch.manual_seed(0)
     m = IFM(16, heads=2, backend=backend)
     x, th, ts = _inputs(2, 9, 5, 16, torch.float32, seed=1)
@@ -108,7 +100,7 @@ def test_fp32_close_to_fp64(backend):
     m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     ref = m64(x.double(), th.double(), ts.double())
     for a, b in zip(out, ref):
-        assert ((a.double() - b).norm() / b.norm()).item() < 1e-5
+        assert T.rel_err(a, b) < 1e-5
 
 
 def test_label_attention_computed_once_and_cached_in_eval(monkeypatch):
@@ -172,15 +164,9 @@ def test_bad_inputs(args, exc, match):
 
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
-    m = IFM(8, heads=2, backend="cpu" if _cpu() else "reference")
+    m = IFM(8, heads=2, backend="cpu" if T.HAS_EXT else "reference")
     x, th, ts = _inputs(2, 5, 3, 8, torch.float32, seed=5)
     eager = m(x, th, ts)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(x, th, ts)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
-
-
-def _cpu():
-    from vlssm import _backend
-
-    return _backend.extension_available()

@@ -12,7 +12,9 @@ import torch
 
 import vlssm
 from vlssm import ops
+from vlssm import testing as T
 from vlssm.modules import Mamba, MambaBlock
+from vlssm.testing import modules as TM
 
 D_MODEL = 12
 D_STATE = 4
@@ -33,9 +35,9 @@ def _block(dtype=torch.float64, backend="reference", seed=0, **kw) -> MambaBlock
 
 
 @pytest.mark.parametrize("d_model,d_state,d_conv,expand", [(12, 4, 4, 2), (40, 16, 3, 1), (16, 8, 2, 3)])
-def test_state_dict_matches_mamba_ssm_keys(helpers, d_model, d_state, d_conv, expand):
+def test_state_dict_matches_mamba_ssm_keys(d_model, d_state, d_conv, expand):
     m = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-    want = helpers.mamba_ssm_state_shapes(d_model, d_state, d_conv, expand)
+    want = TM.mamba_ssm_state_shapes(d_model, d_state, d_conv, expand)
     got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert list(got) == list(want)  # same keys, same order as mamba_ssm
     assert got == want
@@ -98,16 +100,16 @@ def test_bad_backend_rejected():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias,conv_bias", [(False, True), (True, False)])
 @pytest.mark.parametrize("L", [1, 7])
-def test_mamba_forward_matches_literal(helpers, backend, dtype, bias, conv_bias, L):
-    g = helpers.gen(10 + L)
-    m = helpers.randomize_(_mamba(dtype, backend, bias=bias, conv_bias=conv_bias), g)
-    h = helpers.randn(g, 2, L, D_MODEL, dtype=dtype)
-    cot = [helpers.randn(g, 2, L, D_MODEL, dtype=dtype)]
+def test_mamba_forward_matches_literal(backend, dtype, bias, conv_bias, L):
+    g = T.gen(10 + L)
+    m = TM.randomize_(_mamba(dtype, backend, bias=bias, conv_bias=conv_bias), g)
+    h = T.randn(g, 2, L, D_MODEL, dtype=dtype)
+    cot = [T.randn(g, 2, L, D_MODEL, dtype=dtype)]
     params = list(m.parameters())
-    got = helpers.forward_and_grads(m, [h], params, cot)
-    want = helpers.forward_and_grads(lambda h: helpers.literal_mamba(m, h), [h], params, cot)
+    got = TM.forward_and_grads(m, [h], params, cot)
+    want = TM.forward_and_grads(lambda h: TM.literal_mamba(m, h), [h], params, cot)
     names = ["out", "d_hidden"] + [f"d_{n}" for n, _ in m.named_parameters()]
-    helpers.assert_close_rel(got, want, helpers.RTOL[dtype], names)
+    T.assert_close_rel(got, want, T.RTOL[dtype], names)
 
 
 def test_forward_passes_token_major_views_to_selective_scan(monkeypatch):
@@ -131,15 +133,15 @@ def test_forward_passes_token_major_views_to_selective_scan(monkeypatch):
 # The fork: MambaBlock.fork vs the literal two-sequence composition
 
 
-def _composition(helpers, block, prefix, suffix):
+def _composition(block, prefix, suffix):
     """literal block([P, S])[:, p:] + flip(literal block([P, flip(S)])[:, p:])."""
     B = max([t.shape[0] for t in (prefix, suffix) if t is not None and t.dim() == 3], default=1)
     as3 = lambda t: t if t.dim() == 3 else t.unsqueeze(0).expand(B, -1, -1)  # noqa: E731
     s = as3(suffix)
     p = 0 if prefix is None else prefix.shape[-2]
     seq = (lambda x: x) if prefix is None else (lambda x: torch.cat([as3(prefix), x], 1))
-    y1 = helpers.literal_block(block, seq(s))[:, p:]
-    y2 = helpers.literal_block(block, seq(s.flip(1)))[:, p:].flip(1)
+    y1 = TM.literal_block(block, seq(s))[:, p:]
+    y2 = TM.literal_block(block, seq(s.flip(1)))[:, p:].flip(1)
     return y1 + y2
 
 
@@ -155,45 +157,45 @@ def _composition(helpers, block, prefix, suffix):
         ((2, 0), (2, 3)),  # empty prefix tensor
     ],
 )
-def test_fork_matches_literal_composition(helpers, backend, p_shape, s_shape):
+def test_fork_matches_literal_composition(backend, p_shape, s_shape):
     dtype = torch.float64
-    g = helpers.gen(zlib.crc32(repr((p_shape, s_shape)).encode()))
-    blk = helpers.randomize_(_block(dtype, backend), g)
-    prefix = None if p_shape is None else helpers.randn(g, *p_shape, D_MODEL)
-    suffix = helpers.randn(g, *s_shape, D_MODEL)
+    g = T.gen(zlib.crc32(repr((p_shape, s_shape)).encode()))
+    blk = TM.randomize_(_block(dtype, backend), g)
+    prefix = None if p_shape is None else T.randn(g, *p_shape, D_MODEL, dtype=torch.float64)
+    suffix = T.randn(g, *s_shape, D_MODEL, dtype=torch.float64)
     B = max([sh[0] for sh in (p_shape, s_shape) if sh is not None and len(sh) == 2], default=1)
-    cot = [helpers.randn(g, B, s_shape[-1], D_MODEL)]
+    cot = [T.randn(g, B, s_shape[-1], D_MODEL, dtype=torch.float64)]
     params = list(blk.parameters())
     inputs = [suffix] if prefix is None else [prefix, suffix]
     fork = (lambda s: blk.fork(None, s)) if prefix is None else blk.fork
-    comp = (lambda s: _composition(helpers, blk, None, s)) if prefix is None else (
-        lambda pr, s: _composition(helpers, blk, pr, s))
-    got = helpers.forward_and_grads(fork, inputs, params, cot)
-    want = helpers.forward_and_grads(comp, inputs, params, cot)
+    comp = (lambda s: _composition(blk, None, s)) if prefix is None else (
+        lambda pr, s: _composition(blk, pr, s))
+    got = TM.forward_and_grads(fork, inputs, params, cot)
+    want = TM.forward_and_grads(comp, inputs, params, cot)
     names = ["out"] + [f"d_in{i}" for i in range(len(inputs))] + [f"d_{n}" for n, _ in blk.named_parameters()]
-    helpers.assert_close_rel(got, want, helpers.RTOL[dtype], names)
+    T.assert_close_rel(got, want, T.RTOL[dtype], names)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fork_with_linear_biases(helpers, backend, dtype):
+def test_fork_with_linear_biases(backend, dtype):
     """bias=True: out_proj's bias appears once per sequence, i.e. twice in the fork."""
-    g = helpers.gen(7)
-    blk = helpers.randomize_(_block(dtype, backend, bias=True, conv_bias=False), g)
-    prefix, suffix = helpers.randn(g, 2, 4, D_MODEL, dtype=dtype), helpers.randn(g, 2, 3, D_MODEL, dtype=dtype)
-    cot = [helpers.randn(g, 2, 3, D_MODEL, dtype=dtype)]
+    g = T.gen(7)
+    blk = TM.randomize_(_block(dtype, backend, bias=True, conv_bias=False), g)
+    prefix, suffix = T.randn(g, 2, 4, D_MODEL, dtype=dtype), T.randn(g, 2, 3, D_MODEL, dtype=dtype)
+    cot = [T.randn(g, 2, 3, D_MODEL, dtype=dtype)]
     params = list(blk.parameters())
-    got = helpers.forward_and_grads(blk.fork, [prefix, suffix], params, cot)
-    want = helpers.forward_and_grads(lambda p, s: _composition(helpers, blk, p, s), [prefix, suffix], params, cot)
-    helpers.assert_close_rel(got, want, helpers.RTOL[dtype], [f"t{i}" for i in range(len(got))])
+    got = TM.forward_and_grads(blk.fork, [prefix, suffix], params, cot)
+    want = TM.forward_and_grads(lambda p, s: _composition(blk, p, s), [prefix, suffix], params, cot)
+    T.assert_close_rel(got, want, T.RTOL[dtype], [f"t{i}" for i in range(len(got))])
 
 
-def test_fork_equals_block_forward_composition(helpers, backend):
+def test_fork_equals_block_forward_composition(backend):
     """fork == the composition through the block's own forward (same backend)."""
-    g = helpers.gen(3)
-    blk = helpers.randomize_(_block(torch.float64, backend), g)
-    P, S = helpers.randn(g, 2, 5, D_MODEL), helpers.randn(g, 2, 4, D_MODEL)
+    g = T.gen(3)
+    blk = TM.randomize_(_block(torch.float64, backend), g)
+    P, S = T.randn(g, 2, 5, D_MODEL, dtype=torch.float64), T.randn(g, 2, 4, D_MODEL, dtype=torch.float64)
     want = blk(torch.cat([P, S], 1))[:, 5:] + blk(torch.cat([P, S.flip(1)], 1))[:, 5:].flip(1)
-    assert helpers.rel_err(blk.fork(P, S), want) < 1e-12
+    assert T.rel_err(blk.fork(P, S), want) < 1e-12
 
 
 def test_fork_shared_input_computed_once_and_broadcast(monkeypatch):
@@ -269,7 +271,7 @@ def _import_mamba_ssm(monkeypatch):
     return mamba_simple
 
 
-def test_state_dict_round_trip_with_mamba_ssm(monkeypatch, helpers):
+def test_state_dict_round_trip_with_mamba_ssm(monkeypatch):
     mamba_simple = _import_mamba_ssm(monkeypatch)
     torch.manual_seed(0)
     theirs = mamba_simple.Mamba(D_MODEL, d_state=D_STATE, use_fast_path=False)
@@ -278,7 +280,7 @@ def test_state_dict_round_trip_with_mamba_ssm(monkeypatch, helpers):
     # same RNG draws in the same order: identical initialisation
     for (k, a), (k2, b) in zip(theirs.state_dict().items(), ours.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
-    helpers.randomize_(theirs, helpers.gen(1))
+    TM.randomize_(theirs, T.gen(1))
     ours.load_state_dict(theirs.state_dict())
     back = mamba_simple.Mamba(D_MODEL, d_state=D_STATE, use_fast_path=False)
     back.load_state_dict(ours.state_dict())
@@ -290,7 +292,7 @@ def test_state_dict_round_trip_with_mamba_ssm(monkeypatch, helpers):
     monkeypatch.setattr(mamba_simple, "selective_scan_fn", selective_scan_ref)
     monkeypatch.setattr(mamba_simple, "causal_conv1d_fn", None, raising=False)
     h = torch.randn(2, 7, D_MODEL)
-    assert helpers.rel_err(ours(h), theirs(h)) < 1e-5
+    assert T.rel_err(ours(h), theirs(h)) < 1e-5
 
 
 def test_lazy_top_level_exports():

@@ -14,8 +14,8 @@ from typing import NamedTuple, Optional, Tuple
 import pytest
 import torch
 
-import _ops_testlib as T
-from vlssm import _backend, ops
+from vlssm import ops
+from vlssm import testing as T
 from vlssm.reference import attention_with_probs_ref
 
 F32, F64 = torch.float32, torch.float64
@@ -59,29 +59,6 @@ TRITON_CASES = [c for c in CASES if c.triton]
 GRAD_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[4], CASES[5], CASES[6], CASES[8]]
 
 
-def _triton_reason() -> Optional[str]:
-    return _backend._usable("triton", torch.device("cpu"))
-
-
-@pytest.fixture(params=["cpu", "triton", "reference"])
-def backend(request) -> str:
-    if request.param == "cpu" and not T.HAS_EXT:
-        pytest.skip(T.EXT_SKIP_REASON)
-    if request.param == "triton" and _triton_reason() is not None:
-        pytest.skip(_triton_reason())
-    return request.param
-
-
-@pytest.fixture(params=["cpu", "triton"])
-def kernel_backend(request) -> str:
-    """The kernel backends (not the reference)."""
-    if request.param == "cpu" and not T.HAS_EXT:
-        pytest.skip(T.EXT_SKIP_REASON)
-    if request.param == "triton" and _triton_reason() is not None:
-        pytest.skip(_triton_reason())
-    return request.param
-
-
 def _skip_big(c: Case, backend: str):
     if backend == "triton" and not c.triton:
         pytest.skip("too large for the Triton interpreter")
@@ -99,13 +76,8 @@ def ref_same(inp, c: Case):
     return attention_with_probs_ref(inp["q"], inp["k"], inp["v"], c.scale)
 
 
-RAW = {"cpu": ("attention_with_probs", "attention_with_probs_backward"),
-       "triton": ("attention_with_probs_triton", "attention_with_probs_backward_triton")}
-
-
 def raw_ops(backend):
-    f, b = RAW[backend]
-    return getattr(torch.ops.vlssm, f), getattr(torch.ops.vlssm, b)
+    return T.raw_op("attention_with_probs", backend), T.raw_op("attention_with_probs", backend, True)
 
 
 def flat3(q, k, v):
@@ -170,9 +142,8 @@ def test_forward(c, dtype, seed, backend):
     assert out.dtype == probs.dtype == dtype and out.shape == so and probs.shape == sp
     T.assert_rel("out", out, ro, T.FWD_TOL[dtype])
     T.assert_rel("probs", probs, rp, T.FWD_TOL[dtype])
-    fine = {F32: (1e-4, 1e-5), F64: (1e-9, 1e-11)}[dtype]
-    T.assert_elementwise("out", out, ro, *fine)
-    T.assert_elementwise("probs", probs, rp, *fine)
+    T.assert_elementwise("out", out, ro, *T.ELEMENTWISE_TOL[dtype])
+    T.assert_elementwise("probs", probs, rp, *T.ELEMENTWISE_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
@@ -282,17 +253,7 @@ def _grads(c, dtype, seed, backend, use_out=True, use_probs=True, inp=None):
 def test_gradients(c, dtype, seed, backend):
     _skip_big(c, backend)
     inp, grads, rgrads = _grads(c, dtype, seed, backend)
-    bad = []
-    for k, gk in grads.items():
-        assert gk.dtype == inp[k].dtype and gk.shape == inp[k].shape, k
-        assert torch.isfinite(gk).all(), f"d{k} not finite"
-        if rgrads[k].norm() == 0:  # dq, dk when Lk = 1
-            assert gk.abs().max() < 1e-6, f"d{k} must be zero"
-            continue
-        err = T.rel_err(gk, rgrads[k])
-        if not err < T.GRAD_TOL[dtype]:
-            bad.append(f"d{k}: {err:.3g}")
-    assert not bad, "rel err >= tol: " + ", ".join(bad)
+    T.assert_grads(grads, rgrads, inp, T.GRAD_TOL[dtype], zero_atol=1e-6)  # zero: dq, dk when Lk = 1
 
 
 @pytest.mark.parametrize("use_out,use_probs", [(False, True), (True, False)], ids=["dprobs-only", "dout-only"])
@@ -346,20 +307,13 @@ def test_gradients_half(dtype, seed, kernel_backend):
 @pytest.mark.parametrize("c", [Case((2, 3, 4), (2, 5, 4), (2, 5, 3), 0.8), Case((3, 2), (1, 4, 2), (4, 3)),
                                Case((1, 1, 1), (1, 1, 1), (1, 1, 2))], ids=_id)
 def test_gradcheck(c, seed, cpu_backend):
-    inp = c.inputs(seed, F64)
-    leaves = [inp[k].clone().requires_grad_(True) for k in ("q", "k", "v")]
-    assert torch.autograd.gradcheck(lambda q, k, v: run(dict(q=q, k=k, v=v), c, cpu_backend), leaves,
-                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    T.gradcheck(lambda a: run(a, c, cpu_backend), c.inputs(seed, F64), cpu_backend)
 
 
 def test_gradcheck_triton(seed):
-    if _triton_reason() is not None:
-        pytest.skip(_triton_reason())
+    T.require_backend("triton")
     c = Case((1, 2, 3), (1, 3, 3), (1, 3, 2), 0.9)
-    inp = c.inputs(seed, F64)
-    leaves = [inp[k].clone().requires_grad_(True) for k in ("q", "k", "v")]
-    assert torch.autograd.gradcheck(lambda q, k, v: run(dict(q=q, k=k, v=v), c, "triton"), leaves,
-                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    T.gradcheck(lambda a: run(a, c, "triton"), c.inputs(seed, F64), "triton", fast_mode=False)  # the full Jacobian
 
 
 # --------------------------------------------------------------------------
@@ -394,17 +348,12 @@ def test_noncontiguous_and_stride0_inputs(seed, kernel_backend):
 # Registration: opcheck, torch.compile
 
 
-def _opcheck(op, args):
-    res = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in res.values()), res
-
-
 @pytest.mark.parametrize("dtype,requires_grad", [(F32, True), (F64, False), (torch.bfloat16, True)],
                          ids=["f32-grad", "f64-nograd", "bf16-grad"])
 def test_opcheck_forward(dtype, requires_grad, seed, kernel_backend):
     g = T.gen(seed)
     q, k, v = (T.randn(g, *s, dtype=dtype).requires_grad_(requires_grad) for s in ((2, 5, 4), (2, 6, 4), (2, 6, 3)))
-    _opcheck(raw_ops(kernel_backend)[0].default, (q, k, v, 0.5))
+    T.opcheck(raw_ops(kernel_backend)[0].default, (q, k, v, 0.5))
 
 
 @pytest.mark.parametrize("dtype,with_dprobs", [(F32, True), (F64, False)], ids=["f32-dprobs", "f64-nodprobs"])
@@ -415,7 +364,7 @@ def test_opcheck_backward(dtype, with_dprobs, seed, kernel_backend):
     _, probs = fwd(q, k, v, 0.5)
     dout = T.randn(g, 2, 5, 3, dtype=dtype)
     dprobs = T.randn(g, 2, 5, 6, dtype=dtype) if with_dprobs else None
-    _opcheck(bwd.default, (dout, dprobs, q, k, v, probs, 0.5))
+    T.opcheck(bwd.default, (dout, dprobs, q, k, v, probs, 0.5))
 
 
 @pytest.mark.parametrize("api", ["public", "raw"])
@@ -442,7 +391,7 @@ def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
 def test_backends_agree(seed):
     c = CASES[6]
     inp = c.inputs(seed, F32)
-    bes = ["reference"] + (["cpu"] if T.HAS_EXT else []) + (["triton"] if _triton_reason() is None else [])
+    bes = ["reference"] + (["cpu"] if T.HAS_EXT else []) + (["triton"] if T.triton_reason() is None else [])
     if len(bes) < 2:
         pytest.skip("only the reference backend is available")
     want = run(inp, c, "reference")
@@ -455,14 +404,7 @@ def test_backends_agree(seed):
 def test_default_backend_selection(seed, cpu_backend, clean_env):
     c = CASES[8]
     inp = c.inputs(seed, F32)
-    out_cpu, _ = run(inp, c, "cpu")
-    out_ref, _ = run(inp, c, "reference")
-    assert not torch.equal(out_cpu, out_ref), "cpu and reference agree bitwise: the selection check is vacuous"
-    assert torch.equal(run(inp, c, None)[0], out_cpu)
-    assert torch.equal(run(inp, c, "auto")[0], out_cpu)
-    clean_env.setenv("VLSSM_BACKEND", "reference")
-    assert torch.equal(run(inp, c, None)[0], out_ref)
-    assert torch.equal(run(inp, c, "cpu")[0], out_cpu)
+    T.assert_backend_selection(lambda be: run(inp, c, be)[0], clean_env)
 
 
 # --------------------------------------------------------------------------
@@ -499,17 +441,12 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("be", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("spec", BAD, ids=[s[0] for s in BAD])
-def test_bad_input(spec, be):
+def test_bad_input(spec, backend):
     _, exc, name, over = spec
-    if be == "cpu" and not T.HAS_EXT:
-        pytest.skip(T.EXT_SKIP_REASON)
-    if be == "triton" and _triton_reason() is not None:
-        pytest.skip(_triton_reason())
     a = {**_valid(), **over}
-    msg = T.check_raises(exc, name, ops.attention_with_probs, a["q"], a["k"], a["v"], a["scale"], backend=be)
-    assert T.first_named(msg, ARG_NAMES) == name, f"first argument named should be {name!r}: {msg!r}"
+    T.check_raises_first(exc, name, ARG_NAMES, ops.attention_with_probs, a["q"], a["k"], a["v"], a["scale"],
+                         backend=backend)
 
 
 @pytest.mark.parametrize("bad", ["nonsense", 3])

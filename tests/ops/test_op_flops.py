@@ -11,7 +11,6 @@ import subprocess
 import sys
 from typing import Callable, Dict, Tuple
 
-import _ops_testlib as T
 import pytest
 import torch
 import torch.nn as nn
@@ -20,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backwa
 
 import vlssm
 import vlssm.ops
+from vlssm import testing as T
 from vlssm.ops import flops as OF
 from vlssm.profile import FlopCount, count_flops
 from vlssm.profile import flops as PF
@@ -362,8 +362,7 @@ def test_fused_qmvl_equals_the_analytic_count(cpu_backend, B, M, C, d, N, shared
 
 
 def test_fused_qmvl_on_triton_equals_the_analytic_count():
-    if T.triton_reason() is not None:
-        pytest.skip(T.triton_reason())
+    T.require_backend("triton")
     B, M, C, d, N = 2, 3, 2, 16, 2
     model = _qmvl("triton", True, d, N)
     with torch.no_grad():

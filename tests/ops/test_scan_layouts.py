@@ -23,33 +23,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-import _ops_testlib as T
 from vlssm import ops
+from vlssm import testing as T
 from vlssm.reference import fork_scan_ref, selective_scan_ref
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-BACKENDS = ("reference", "cpu", "triton")
-
-
-def skip_unavailable(backend: str) -> None:
-    if backend == "cpu" and not T.HAS_EXT:
-        pytest.skip(T.EXT_SKIP_REASON)
-    if backend == "triton" and T.triton_reason() is not None:
-        pytest.skip(T.triton_reason())
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    """Every backend of the public ops: the reference (checks the tests themselves), then the kernels."""
-    skip_unavailable(request.param)
-    return request.param
+# ``backend`` (conftest.py): every backend of the public ops, the reference first (it checks the tests themselves).
 
 
 def raw_op(op: str, backend: str, backward: bool = False):
     """torch.ops.vlssm.{selective_scan,fork_scan}[_backward][_triton]."""
-    name = {"scan": "selective_scan", "fork": "fork_scan"}[op]
-    suffix = ("_backward" if backward else "") + ("_triton" if backend == "triton" else "")
-    return getattr(torch.ops.vlssm, name + suffix)
+    return T.raw_op({"scan": "selective_scan", "fork": "fork_scan"}[op], backend, backward)
 
 
 def groups(layout: str) -> int:
@@ -314,11 +298,10 @@ def test_forward(c, dtype, seed, backend):
     T.skip_slow_triton(backend, c.small(60))
     inp = c.inputs(seed, dtype)
     outs = c.call(inp, backend)
-    fine = {F32: (1e-4, 1e-5), F64: (1e-9, 1e-11)}[dtype]
     for name, o, r, shape, dt in zip(c.out_names, outs, c.ref64(inp), c.out_shapes(), (dtype, T.acc_dtype(dtype))):
         assert o.dtype == dt and o.shape == shape, f"{name}: {o.dtype} {tuple(o.shape)}"
         T.assert_rel(name, o, r, T.FWD_TOL[dtype])
-        T.assert_elementwise(name, o, r, *fine)
+        T.assert_elementwise(name, o, r, *T.ELEMENTWISE_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
@@ -344,8 +327,7 @@ def test_long_sequence(c, seed, cpu_backend):
     for name, o, r in zip(c.out_names, outs, routs):
         T.assert_rel(name, o, r, 1e-5)
         T.assert_elementwise(name, o, r, 1e-4, 1e-5)
-    bad = [f"d{k}: {T.rel_err(g, rgrads[k]):.3g}" for k, g in grads.items() if not T.rel_err(g, rgrads[k]) < 1e-4]
-    assert not bad, "rel err >= 1e-4: " + ", ".join(bad)
+    T.assert_grads(grads, rgrads, inp, 1e-4)
 
 
 @pytest.mark.parametrize("c", [FWD_CASES[1], FWD_CASES[3], FWD_CASES[13]], ids=str)
@@ -372,13 +354,7 @@ def test_gradients(c, dtype, seed, backend):
     T.skip_slow_triton(backend, c.small(30))
     inp = c.inputs(seed, dtype)
     _, grads, _, rgrads = _grads(c, inp, backend, c.cotangents(T.gen(seed + 7), F64))
-    bad = []
-    for k, gk in grads.items():
-        assert torch.isfinite(gk).all(), f"d{k} not finite"
-        err = T.rel_err(gk, rgrads[k])
-        if not err < T.GRAD_TOL[dtype]:
-            bad.append(f"d{k}: {err:.3g}")
-    assert not bad, "rel err >= tol: " + ", ".join(bad)
+    T.assert_grads(grads, rgrads, inp, T.GRAD_TOL[dtype])
     if isinstance(c, Fork) and c.p and c.C != "ii":  # C of the prefix is never read
         assert torch.count_nonzero(grads["C"][:, :c.p]) == 0
 
@@ -414,19 +390,11 @@ GRADCHECK_CASES = [
 @pytest.mark.parametrize("c", GRADCHECK_CASES, ids=str)
 def test_gradcheck(c, seed, kernel_backend):
     T.skip_slow_triton(kernel_backend, c.small(10))
-    given = {k: v for k, v in c.inputs(seed, F64).items() if v is not None}
-    # the interpreted Triton kernels: one random direction per input instead of the full Jacobian
-    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
-    fn = lambda *xs: c.call({**dict.fromkeys(c.keys), **dict(zip(given, xs))}, kernel_backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, [v.clone().requires_grad_(True) for v in given.values()],
-                                    eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
+    T.gradcheck(lambda a: c.call(a, kernel_backend), c.inputs(seed, F64), kernel_backend)
 
 
 # --------------------------------------------------------------------------
 # Equivalences between layouts
-
-EQ_TOL = {F32: (2e-6, 1e-5), F64: (1e-13, 1e-11)}  # (outputs, gradients): only the summation order differs
-
 
 GROUP_EQ_CASES = [  # a grouped call == G calls on the channel slices (B / C of the slice's group), cat
     Scan(2, 12, 7, 3, "g4", "g4", True, "Dzbh"),
@@ -506,13 +474,7 @@ def test_strided_views(c, seed, backend):
     T.skip_slow_triton(backend, c.small(40))
     inp = c.inputs(seed, F32)
     nc = dict(inp, B=_strided(inp["B"], c.token_major), C=_strided(inp["C"], c.token_major))
-    cot = c.cotangents(T.gen(seed + 1), F32)
-    outs, grads = T.grads_of(lambda **a: c.call(a, backend), inp, cot)
-    outs_nc, grads_nc = T.grads_of(lambda **a: c.call(a, backend), nc, cot, copy=False)  # the views are the leaves
-    for name, a, e in zip(c.out_names, outs_nc, outs):
-        assert torch.equal(a, e), f"{name} differs from the contiguous result"
-    for k in grads:
-        assert torch.equal(grads_nc[k], grads[k]), f"d{k} differs from the contiguous result"
+    T.assert_layout_invariant(lambda **a: c.call(a, backend), inp, nc, c.cotangents(T.gen(seed + 1), F32), c.out_names)
 
 
 @pytest.mark.parametrize("u_dtype,B_dtype,C_dtype", [(F32, F64, F16), (F64, F32, BF16), (BF16, F64, BF16)],
@@ -561,11 +523,6 @@ def test_raw_backward_writes_every_element(c, seed, kernel_backend):
             assert torch.equal(res[0][k], res[1][k]), f"d{k} differs between two runs"
 
 
-def _opcheck(op, args):
-    res = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in res.values()), res
-
-
 OPCHECK_CASES = [
     (Scan(1, 4, 5, 3, "g2", "g2", True, "Dzbh"), F32),
     (Scan(1, 6, 5, 2, "ii", "g3", False, "Dz"), F64),
@@ -581,14 +538,14 @@ def test_opcheck_forward(c, dtype, requires_grad, seed, kernel_backend):
     inp = c.inputs(seed, dtype)
     args = [None if inp[k] is None else inp[k].clone().requires_grad_(requires_grad) for k in c.keys]
     flags = (c.p, c.softplus) if isinstance(c, Fork) else (c.softplus, c.reverse)
-    _opcheck(raw_op("fork" if isinstance(c, Fork) else "scan", kernel_backend).default, (*args, *flags))
+    T.opcheck(raw_op("fork" if isinstance(c, Fork) else "scan", kernel_backend).default, (*args, *flags))
 
 
 @pytest.mark.parametrize("c,dtype", OPCHECK_CASES, ids=[f"{c}-{d}" for c, d in OPCHECK_CASES])
 def test_opcheck_backward(c, dtype, seed, kernel_backend):
     inp = c.inputs(seed, dtype)
     args = c.raw_backward_args(inp, c.raw(inp, kernel_backend), c.cotangents(T.gen(seed + 1), dtype))
-    _opcheck(raw_op("fork" if isinstance(c, Fork) else "scan", kernel_backend, True).default, args)
+    T.opcheck(raw_op("fork" if isinstance(c, Fork) else "scan", kernel_backend, True).default, args)
 
 
 @pytest.mark.parametrize("api,c", [("public", Scan(1, 4, 9, 3, "g2", "g2", True, "Dzbh")),
@@ -674,8 +631,7 @@ def test_bad_input(spec, op, backend):
     """The public op (every backend): the error names the argument first; also what else it must say."""
     _, exc, name, over, says = spec
     inp = _bad_inputs(op, over[op == "fork"])
-    msg = T.check_raises(exc, name, _call_bad, op, inp, backend)
-    assert T.first_named(msg, ARG_NAMES) == name, f"first argument named should be {name!r}: {msg!r}"
+    msg = T.check_raises_first(exc, name, ARG_NAMES, _call_bad, op, inp, backend)
     for text in says:
         assert re.search(rf"(?<!\w){re.escape(text)}(?!\w)", msg), f"message does not say {text!r}: {msg!r}"
 

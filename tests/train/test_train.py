@@ -270,7 +270,8 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
     ea, eb = weights(ref / "last.pt", "ema"), weights(run / "last.pt", "ema")
     for k in ea:
         assert torch.equal(ea[k], eb[k]), k
-    assert [x["mAP"] for x in read_jsonl(ref / "metrics.jsonl")] == [x["mAP"] for x in read_jsonl(run / "metrics.jsonl")][-3:]
+    ref_maps = [x["mAP"] for x in read_jsonl(ref / "metrics.jsonl")]
+    assert ref_maps == [x["mAP"] for x in read_jsonl(run / "metrics.jsonl")][-3:]
 
 
 def test_refuses_to_mix_runs(tmp_path, capsys):
@@ -416,7 +417,8 @@ def test_trains_and_evaluates_a_list_file_dataset(tmp_path, capsys):
     # a list line naming an unknown class index: exit 2, the file and line named
     (tmp_path / "bad.txt").write_text("0.jpg 1\n1.jpg 7\n")
     code, _, err = run_cli(["train", "mvlr_baseline", "--backbone", "vlssm-demo-RN", "--image-size", "64",
-                            "--out", str(tmp_path / "o2"), *common[:4], "--train-list", str(tmp_path / "bad.txt"), *common[6:]],
+                            "--out", str(tmp_path / "o2"), *common[:4], "--train-list", str(tmp_path / "bad.txt"),
+                            *common[6:]],
                            capsys)
     assert code == 2 and "bad.txt:2" in err, err
 

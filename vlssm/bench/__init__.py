@@ -16,6 +16,10 @@ Every workload module (``vlssm.bench.<name>``) has ``add_arguments(parser)`` and
 package (timing, memory, subprocess isolation, CSV columns, the environment
 header); ``vlssm profile`` uses the same harness. Every CSV row carries the
 device, versions, dtype, shape and date.
+
+Not a workload: :mod:`vlssm.bench.check_cuda`, the CUDA vs CPU kernels checker
+(``python -m vlssm.bench.check_cuda``, run by bench/gpu.sh; its cases also run
+under the CUDA emulation in tests/cuda_emu).
 """
 from __future__ import annotations
 

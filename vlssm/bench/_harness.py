@@ -40,7 +40,7 @@ from .._argtypes import nonneg_int, positive_float, positive_int
 __all__ = [
     "DTYPES", "TOLERANCE", "log", "torch_dtype", "sync", "time_phase", "time_stats", "cuda_times_ms",
     "cuda_time_ms", "capture_graph", "is_oom", "prime_layer", "time_fwd_fwdbwd",
-    "current_rss_bytes", "peak_bytes", "PhaseMemory", "run_isolated", "run_row", "worker_entry", "max_rel_diff",
+    "current_rss_bytes", "peak_bytes", "PhaseMemory", "run_isolated", "run_row", "worker_entry",
     "machine_columns", "header", "stamp", "write_csv", "write_rows_csv", "fmt", "format_table", "int_list",
     "choice_list", "add_common_arguments", "check_device", "seeded_randn",
 ]
@@ -377,14 +377,6 @@ def run_row(cfg: Dict[str, Any], provider: str) -> Dict[str, Any]:
     except Exception as e:
         traceback.print_exc()
         return _failure(cfg, e)
-
-
-def max_rel_diff(a, b) -> float:
-    """max |a - b| / max |b| (in float64)."""
-    a, b = a.double(), b.double()
-    den = b.abs().max().item()
-    num = (a - b).abs().max().item()
-    return num / den if den > 0 else num
 
 
 # ----------------------------------------------------------------------------- output

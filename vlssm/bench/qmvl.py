@@ -160,6 +160,8 @@ def _sanity_check(cfg: Dict[str, Any], providers: Sequence[str]) -> Dict[str, fl
     """
     import torch
 
+    from vlssm.testing import max_rel_diff
+
     x, t, _, _ = _make_inputs(cfg)
     outs = {}
     model = _make_model(cfg, providers[0])
@@ -172,7 +174,7 @@ def _sanity_check(cfg: Dict[str, Any], providers: Sequence[str]) -> Dict[str, fl
     diffs = {}
     for a, b in (("fused", "unfused"), ("fused", "reference"), ("unfused", "reference")):
         if a in outs and b in outs:
-            diffs[f"{a} vs {b}"] = max(H.max_rel_diff(oa, ob) for oa, ob in zip(outs[a], outs[b]))
+            diffs[f"{a} vs {b}"] = max(max_rel_diff(oa, ob) for oa, ob in zip(outs[a], outs[b]))
     return diffs
 
 

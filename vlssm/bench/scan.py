@@ -81,7 +81,7 @@ def fork_scan_bytes(b: int, p: int, s: int, E: int, N: int, dtype) -> int:
     """
     import torch
 
-    from ..ops._schema import num_checkpoints
+    from ..ops.scan import num_checkpoints
 
     e = torch.finfo(dtype).bits // 8
     L = p + 2 * s
@@ -237,11 +237,13 @@ def _check(cfg: Dict[str, Any], op: str, backend: str) -> float:
     """max |backend - reference| / max |reference| of the forward output."""
     import torch
 
+    from vlssm.testing import max_rel_diff
+
     fn, t, kw = _inputs(cfg, op)
     with torch.no_grad():
         a = _first(fn(**t, **kw, backend=backend))
         b = _first(fn(**t, **kw, backend="reference"))
-    return H.max_rel_diff(a, b)
+    return max_rel_diff(a, b)
 
 
 def _groups_summary(rows: List[Dict[str, Any]], G: int) -> List[str]:
@@ -270,8 +272,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch is None:
         args.batch = 32 if args.device == "cuda" else 4
     t0 = time.time()
-    cfg0 = {k: getattr(args, k) for k in ("batch", "m", "c", "d", "d_state", "groups", "heads", "dtype", "device", "reps",
-                                          "ref_reps", "warmup", "budget", "threads", "seed")}
+    keys = ("batch", "m", "c", "d", "d_state", "groups", "heads", "dtype", "device", "reps", "ref_reps", "warmup",
+            "budget", "threads", "seed")
+    cfg0 = {k: getattr(args, k) for k in keys}
     cfg0.update(t0=t0, workload="scan", worker=__name__, memory=False)
     env = H.machine_columns(cfg0)
     copy_gbps = copy_bandwidth_gbps() if args.device == "cuda" else None

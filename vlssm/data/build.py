@@ -126,7 +126,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="validation split (defaults: " + ", ".join(f"{k} {v[1]}" for k, v in DEFAULT_SPLITS.items())
                         + ")")
     g.add_argument("--train-list", metavar="FILE", default=None,
-                   help="--data list: the train list file (path idx idx ...); --data csv: the train CSV (path,label;label)")
+                   help="--data list: the train list file (path idx idx ...); "
+                        "--data csv: the train CSV (path,label;label)")
     g.add_argument("--val-list", metavar="FILE", default=None, help="the validation list file / CSV")
     g.add_argument("--classnames", metavar="FILE", default=None,
                    help="class names, one per line in index order (required for --data list; for csv default: "
@@ -143,7 +144,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="base/new split: the first B classes are base, the only ones trained on "
                         "(--data folder, --data demo --single-label)")
     g.add_argument("--demo-size", metavar="N", type=positive_int, default=None,
-                   help=f"--data demo: train mosaics (default {DEMO_TRAIN_SIZE}); the test split has N // 4 (at least 10)")
+                   help=f"--data demo: train mosaics (default {DEMO_TRAIN_SIZE}); "
+                        "the test split has N // 4 (at least 10)")
     g.add_argument("--augment", choices=AUGMENTS, default="default",
                    help="training augmentation: default (random resized crop + flip + RandAugment), flip, none")
     g.add_argument("--workers", metavar="N", type=nonneg_int, default=min(4, os.cpu_count() or 1),

@@ -48,7 +48,8 @@ class FeatureDataset(LabelledData):
         if multi_label and (labels.dim() != 2 or labels.shape[1] != C):
             raise ValueError(f"labels must be (N, C={C}) for multi-label data, got {tuple(labels.shape)}")
         if not multi_label and (labels.dim() != 1 or labels.dtype != torch.int64):
-            raise ValueError(f"labels must be (N,) int64 for single-label data, got {tuple(labels.shape)} {labels.dtype}")
+            raise ValueError(f"labels must be (N,) int64 for single-label data, "
+                             f"got {tuple(labels.shape)} {labels.dtype}")
         if labels.shape[0] != features.shape[0]:
             raise ValueError(f"features ({features.shape[0]}) and labels ({labels.shape[0]}) differ in length")
         self.features = features.detach().to("cpu", torch.float32).contiguous()
@@ -81,7 +82,8 @@ def _load(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"feature cache {path} cannot be read ({type(e).__name__}: {e}); delete it to re-encode") from e
+        raise ValueError(f"feature cache {path} cannot be read ({type(e).__name__}: {e}); "
+                         "delete it to re-encode") from e
 
 
 def cache_features(encode: Callable[[torch.Tensor], torch.Tensor], dataset, path: Optional[str] = None,

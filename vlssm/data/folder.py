@@ -14,8 +14,16 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ._base import (IMG_EXTENSIONS, MultiLabelDataset, check_bool, check_imbalance, check_path_arg, logger,
-                    lt_counts, read_classnames)
+from ._base import (
+    IMG_EXTENSIONS,
+    MultiLabelDataset,
+    check_bool,
+    check_imbalance,
+    check_path_arg,
+    logger,
+    lt_counts,
+    read_classnames,
+)
 
 __all__ = ["FolderDataset"]
 

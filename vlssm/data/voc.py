@@ -96,7 +96,8 @@ class VOCDataset(MultiLabelDataset):
             xml = os.path.join(root, "Annotations", f"{img_id}.xml")
             try:
                 row = self._parse_xml(xml, index, bad)
-            except ValueError as e:
+            except ValueError as err:
+                e = err
                 if not os.path.isfile(xml):
                     e = ValueError(f"{src}:{line}: image {img_id!r}: annotation file {xml} does not exist")
                 if not skip_bad:
@@ -124,7 +125,8 @@ class VOCDataset(MultiLabelDataset):
         for obj in tree.getroot().iter("object"):
             name = (obj.findtext("name") or "").strip()
             if name not in index:
-                problem = f"VOC: annotation file {xml}: object of unknown class {name!r} (not one of the 20 VOC classes)"
+                problem = (f"VOC: annotation file {xml}: object of unknown class {name!r} "
+                           "(not one of the 20 VOC classes)")
                 if not self.skip_bad:
                     raise ValueError(problem)
                 bad.append((xml, problem))

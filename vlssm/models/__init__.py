@@ -8,8 +8,15 @@ vlssm`` does not import it (``vlssm.models`` is loaded on first access).
     out = model(images, targets)           # ModelOutput(logits, loss, aux)
 """
 from ._clip import BackboneOutput, CLIPBackbone, build_clip
-from ._registry import (CHECKPOINT_FORMAT, ModelOutput, create_model, list_models, load_checkpoint,
-                        register_model, save_checkpoint)
+from ._registry import (
+                        CHECKPOINT_FORMAT,
+                        ModelOutput,
+                        create_model,
+                        list_models,
+                        load_checkpoint,
+                        register_model,
+                        save_checkpoint,
+)
 from .candle import Candle, CandleConfig
 from .capnet import CAPNet, CAPNetConfig
 from .mvlr import MVLR, MVLRBaseline, MVLRConfig

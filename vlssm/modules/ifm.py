@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .._backend import BACKENDS
+from .._backend import check_backend
 
 __all__ = ["IFM", "IFMOutput", "LabelAttention"]
 
@@ -124,8 +124,7 @@ class IFM(nn.Module):
     def __init__(self, d: int, heads: int = 1, mlp_ratio: float = 1.0, alpha_init: float = 0.5,
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        backend = check_backend(backend)
         if not 0.0 < alpha_init < 1.0:
             raise ValueError(f"alpha_init must be in (0, 1), got {alpha_init}")
         kw = {"device": device, "dtype": dtype}
@@ -145,8 +144,7 @@ class IFM(nn.Module):
 
     @backend.setter
     def backend(self, value: Optional[str]) -> None:
-        if value is not None and value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {value!r}")
+        value = check_backend(value)
         self._backend = value
         for m in (self.label_attn, self.cross_attn, self.context_attn):
             m.backend = value
@@ -174,7 +172,8 @@ class IFM(nn.Module):
             if t.device != x.device:
                 raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
         if t_soft.shape[0] != t_hard.shape[0]:
-            raise ValueError(f"t_soft must have shape (C, d) = {tuple(t_hard.shape)} like t_hard, got {tuple(t_soft.shape)}")
+            raise ValueError(f"t_soft must have shape (C, d) = {tuple(t_hard.shape)} like t_hard, "
+                             f"got {tuple(t_soft.shape)}")
 
     def label_attention(self, t_hard: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(T^ka (C, d), M^ka (C, C)); cached in eval mode while nothing it reads changes."""

@@ -26,15 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .._backend import BACKENDS
+from .._backend import check_backend
+from .._dtypes import acc_dtype
 
 __all__ = ["Mamba", "MambaBlock"]
-
-
-def _check_backend(backend: Optional[str]) -> Optional[str]:
-    if backend is not None and (not isinstance(backend, str) or backend.lower() not in BACKENDS):
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    return None if backend is None else backend.lower()
 
 
 def _acc(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -42,7 +37,7 @@ def _acc(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     float64 for float64 activations, float32 otherwise (mamba_ssm's ``.float()``).
     """
-    return t.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
+    return t.to(acc_dtype(like.dtype))
 
 
 def _check_tokens(name: str, t: torch.Tensor, d: int, allow_2d: bool) -> None:
@@ -127,7 +122,7 @@ class Mamba(nn.Module):
         self.expand = expand
         self.d_inner = int(self.expand * self.d_model)
         self.dt_rank = math.ceil(self.d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
 
         self.in_proj = nn.Linear(self.d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
         self.conv1d = nn.Conv1d(
@@ -300,7 +295,7 @@ class MambaBlock(nn.Module):
 
     @backend.setter
     def backend(self, value: Optional[str]) -> None:
-        self.mixer.backend = _check_backend(value)
+        self.mixer.backend = check_backend(value)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``mixer(norm(hidden_states))``: (B, L, d) -> (B, L, d)."""

@@ -21,7 +21,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .mamba import MambaBlock, _check_backend
+from .._backend import check_backend
+from .mamba import MambaBlock
 
 __all__ = ["QMVL"]
 
@@ -65,7 +66,7 @@ class QMVL(nn.Module):
         self.d_model = d_model
         self.residual = bool(residual)
         self.fused = bool(fused)
-        backend = _check_backend(backend)
+        backend = check_backend(backend)
         kw = dict(d_state=d_state, d_conv=d_conv, expand=expand, backend=backend, device=device, dtype=dtype)
         self.label_block = MambaBlock(d_model, **kw, **mamba_kwargs)
         self.visual_block = MambaBlock(d_model, **kw, **mamba_kwargs)
@@ -78,7 +79,7 @@ class QMVL(nn.Module):
 
     @backend.setter
     def backend(self, value: Optional[str]) -> None:
-        value = _check_backend(value)
+        value = check_backend(value)
         self.label_block.backend = value
         self.visual_block.backend = value
         self._backend = value

@@ -1,6 +1,8 @@
-"""Public ops of vlssm. Each op: a schema (csrc/vlssm.cpp), a pure-PyTorch
-reference (:mod:`vlssm.reference`), a kernel per backend, fake and autograd
-registrations (here), and a test file (tests/ops/).
+"""Public ops of vlssm, in four families: scan, conv, attention, ifm. Each family has one name in
+every layer: schemas csrc/<family>.cpp, kernels csrc/cpu/<family>_cpu.cpp, csrc/cuda/<family>_cuda.cu
+and kernels/<family>.py (Triton), the public functions with their fake and autograd registrations
+vlssm/ops/<family>.py, the pure-PyTorch reference vlssm/reference/<family>.py, the tests
+tests/ops/test_<family>*.py (README "Where things live").
 
 - :func:`selective_scan` — mamba_ssm ``selective_scan_fn`` semantics (channel-major
   (b, D, L)) plus ``reverse`` and ``initial_state``.
@@ -14,23 +16,34 @@ registrations (here), and a test file (tests/ops/).
   Module: mixed relation map times label embeddings; knowledge-consistency loss.
 """
 from .attention import attention_with_probs
-from .fork import fork_conv1d, fork_scan
-from .ifm_ops import kcr_loss, relation_aggregate
-from .scan import selective_scan
+from .conv import fork_conv1d
+from .ifm import kcr_loss, relation_aggregate
+from .scan import fork_scan, selective_scan
 
 __all__ = ["selective_scan", "fork_conv1d", "fork_scan", "attention_with_probs", "relation_aggregate",
            "kcr_loss"]
+
+#: The op families and their ops. A family has one name in every layer: csrc/<family>.cpp (schemas),
+#: csrc/cpu/<family>_cpu.cpp, csrc/cuda/<family>_cuda.cu, kernels/<family>.py, vlssm/ops/<family>.py,
+#: vlssm/reference/<family>.py, tests/ops/test_<family>*.py (README "Where things live";
+#: tests/test_layout.py holds the tree to it).
+FAMILIES = {
+    "scan": ("selective_scan", "fork_scan"),
+    "conv": ("fork_conv1d",),
+    "attention": ("attention_with_probs",),
+    "ifm": ("relation_aggregate", "kcr_loss"),
+}
 
 
 def _register() -> None:
     """Fake (meta) and autograd registrations; called once vlssm._C is loaded (the FLOP formulas:
     the end of this module, and kernels/__init__.py for the Triton ops)."""
-    from . import attention, fork, ifm_ops, scan
+    from . import attention, conv, ifm, scan
 
     scan.register()
-    fork.register()
+    conv.register()
     attention.register()
-    ifm_ops.register()
+    ifm.register()
 
 
 # Register the compiled kernels with their fake / autograd implementations now,

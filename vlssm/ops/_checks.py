@@ -2,7 +2,7 @@
 
 Errors name the argument and the expected shape / dtype: TypeError for a wrong
 type or dtype, ValueError for a wrong shape, size or device. The compiled
-kernels check again (csrc/scan_shapes.h) so a direct torch.ops call is safe too.
+kernels check again (csrc/checks.h and csrc/<family>_shapes.h) so a direct torch.ops call is safe too.
 """
 from __future__ import annotations
 
@@ -10,12 +10,7 @@ from typing import Sequence
 
 import torch
 
-FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """State / parameter dtype of the kernels: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import FLOATING, acc_dtype  # noqa: F401 - the kernels and ops import them from here
 
 
 def _shape_str(shape: Sequence) -> str:

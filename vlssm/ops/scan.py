@@ -1,13 +1,19 @@
-"""``selective_scan``: mamba_ssm's selective scan, plus ``reverse`` and ``initial_state``.
+"""The scan family: ``selective_scan`` (mamba_ssm's selective scan, plus ``reverse`` and
+``initial_state``) and ``fork_scan`` (one shared prefix, a suffix scanned in both orders).
 
-Schema (``torch.ops.vlssm.selective_scan``, defined in csrc/vlssm.cpp)::
+Schemas (``torch.ops.vlssm.*``, defined in csrc/scan.cpp)::
 
     selective_scan(u, delta, A, B, C, D?, z?, delta_bias?, initial_state?,
                    delta_softplus, reverse) -> (out, last_state, checkpoints)
+    fork_scan(u, delta, A, B, C, D?, z?, delta_bias?, prefix_len, delta_softplus)
+        -> (out, ysum, checkpoints)
 
-``checkpoints`` (b, D, ceil(L / 64), N) holds the state every 64 steps; the
-backward recomputes the states in between from it. The Triton backend has the
-same pair as ``vlssm::selective_scan{,_backward}_triton`` (kernels/scan.py).
+``checkpoints`` holds the state every 64 steps; the backward recomputes the
+states in between from it. selective_scan is channel-major (b, D, L); fork_scan
+is token-major (b, L, E), like the ``nn.Linear`` outputs around it, and stores the
+reversed suffix in token order (docs/design.md section 2). The Triton backend has
+the same pairs as ``vlssm::{selective_scan,fork_scan}{,_backward}_triton``
+(kernels/scan.py). Files of this family: README "Where things live".
 """
 from __future__ import annotations
 
@@ -16,14 +22,22 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ..reference import selective_scan_ref
+from ..reference import fork_scan_ref, selective_scan_ref
 from . import _checks
-from ._schema import num_checkpoints
 
 #: Backends these ops have ("cuda" when vlssm._C was built with CUDA; "triton": kernels/scan.py).
 IMPLEMENTED = ("cpu", "cuda", "triton", "reference")
 
-__all__ = ["selective_scan"]
+__all__ = ["selective_scan", "fork_scan"]
+
+#: Steps between saved scan states (the ``checkpoints`` outputs); mirrors kCheckpointChunk in
+#: csrc/scan_shapes.h.
+CHECKPOINT_CHUNK = 64
+
+
+def num_checkpoints(length):
+    """Saved states for a scan segment of ``length`` steps (works on SymInts)."""
+    return (length + CHECKPOINT_CHUNK - 1) // CHECKPOINT_CHUNK
 
 
 def selective_scan(
@@ -115,11 +129,86 @@ def selective_scan(
     return (out, last_state) if return_last_state else out
 
 
-# --------------------------------------------------------------------------
-# Registration (run once vlssm._C has defined the schemas). The Triton pair
-# registers the same fakes and autograd in kernels/scan.py.
+def fork_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    prefix_len: int,
+    delta_softplus: bool = True,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Scan the prefix once, fork its state into the forward and the reversed suffix.
 
-def fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse):
+    With segments P = tokens [0, p), F = [p, p+s), R = [p+s, p+2s) of the
+    token-major inputs (the layout :func:`~vlssm.ops.fork_conv1d` returns)::
+
+        h_P   = scan(P)                                  (from zero state)
+        y_f   = scan(F, from h_P)           + D * u_F    (tokens 0 .. s-1)
+        y_r   = scan(R walked from its end, from h_P) + D * u_R
+        out   = (y_f + y_r) * silu(z)
+
+    i.e. the suffix outputs of ``[P, S]`` plus the flipped-back suffix outputs
+    of ``[P, rev S]``, gated. Scan steps: p + 2s instead of 2(p + s).
+
+    Args:
+        u, delta: (b, p + 2s, E); any strides (slices of a wider tensor work).
+        A: (E, N). B, C: (b, p + 2s, N), u's dtype (C of the prefix is unused);
+            any strides, e.g. column slices of the ``x_proj`` output. Like
+            :func:`~vlssm.ops.selective_scan`, each may also be grouped,
+            (b, p + 2s, G, N) with channel e reading group e // (E // G), or
+            input-independent (E, N) (any floating dtype, used in float32);
+            dB / dC come back in the same layout.
+        D, delta_bias: (E,) or None. z: (b, s, E) or None (no gate); a
+            batch-broadcast view is read without a copy.
+        prefix_len: p >= 0; ``u.shape[1] - p`` must be even and positive.
+        delta_softplus: softplus on delta + delta_bias.
+        backend: None, "auto", "cpu", "cuda", "triton" or "reference".
+
+    Returns:
+        (b, s, E) in u's dtype.
+    """
+    _checks.tensor("u", u, 3, "(batch, prefix_len + 2 * suffix_len, dim)")
+    b, L, E = u.shape
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+        raise TypeError(f"prefix_len must be an int, got {type(prefix_len).__name__}")
+    if not (0 <= prefix_len < L and (L - prefix_len) % 2 == 0):
+        raise ValueError(
+            f"prefix_len must be in [0, {L}) with u.shape[1] - prefix_len = 2 * suffix_len even; "
+            f"got prefix_len={prefix_len} for u of shape {tuple(u.shape)}"
+        )
+    s = (L - prefix_len) // 2
+    _checks.not_complex("A", A)
+    _checks.tensor("A", A, 2, "(dim, dstate)")
+    N = A.shape[1]
+    layout = "(batch, prefix_len + 2 * suffix_len, dim)"
+    _checks.like("delta", delta, "u", u, (b, L, E), layout)
+    A = _checks.param("A", A, "u", u, (E, N), "(dim, dstate)")
+    B, C = _checks.scan_bc_pair(B, C, u, b, E, L, N, token_major=True)
+    if D is not None:
+        D = _checks.param("D", D, "u", u, (E,), "(dim,)")
+    if z is not None:
+        _checks.like("z", z, "u", u, (b, s, E), "(batch, suffix_len, dim)")
+    if delta_bias is not None:
+        delta_bias = _checks.param("delta_bias", delta_bias, "u", u, (E,), "(dim,)")
+    _checks.flag("delta_softplus", delta_softplus)
+    name = _backend.resolve_backend(backend, u.device, implemented=IMPLEMENTED, op="fork_scan")
+    if name == "reference":
+        return fork_scan_ref(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus)
+    op = torch.ops.vlssm.fork_scan_triton if name == "triton" else torch.ops.vlssm.fork_scan
+    return op(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus)[0]
+
+
+# --------------------------------------------------------------------------
+# Registration (run once vlssm._C has defined the schemas). The Triton pairs
+# register the same fakes and autograd in kernels/scan.py.
+
+def selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse):
     _checks.same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                         initial_state=initial_state)
     b, dim, L = u.shape
@@ -132,7 +221,7 @@ def fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, rev
     )
 
 
-def fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
+def selective_scan_fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
                    delta_softplus, reverse):
     _checks.same_device("u", u, dout=dout, dlast_state=dlast_state, delta=delta, A=A, B=B, C=C, D=D, z=z,
                         delta_bias=delta_bias, initial_state=initial_state, checkpoints=checkpoints)
@@ -156,7 +245,7 @@ def fake_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initia
     ]
 
 
-def setup_context(ctx, inputs, output):
+def selective_scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
     ctx.delta_softplus = delta_softplus
@@ -164,7 +253,7 @@ def setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[2])
 
 
-def make_backward(backward_op):
+def make_selective_scan_backward(backward_op):
     """The autograd backward of a selective_scan op whose gradients ``backward_op`` computes."""
     def _backward(ctx, dout, dlast_state, _dcheckpoints):
         u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
@@ -186,8 +275,73 @@ def make_backward(backward_op):
     return _backward
 
 
+def fork_scan_fake(u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus):
+    _checks.same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    b, L, E = u.shape
+    N = A.shape[1]
+    s = (L - prefix_len) // 2
+    acc = _checks.acc_dtype(u.dtype)
+    nck = num_checkpoints(prefix_len) + 2 * num_checkpoints(s)
+    return u.new_empty((b, s, E)), u.new_empty((b, s, E), dtype=acc), u.new_empty((b, E, nck, N), dtype=acc)
+
+
+def fork_scan_fake_backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, prefix_len, delta_softplus):
+    _checks.same_device("u", u, dout=dout, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                        ysum=ysum, checkpoints=checkpoints)
+    b, L, E = u.shape
+    N = A.shape[1]
+    s = (L - prefix_len) // 2
+    acc = _checks.acc_dtype(u.dtype)
+
+    def empty():  # the gradient of an absent optional input: a distinct empty tensor each
+        return u.new_empty((0,), dtype=acc)
+
+    return [
+        u.new_empty((b, L, E)),
+        u.new_empty((b, L, E)),
+        u.new_empty((E, N), dtype=acc),
+        B.new_empty(B.shape),  # dB / dC in B / C's own layout and dtype
+        C.new_empty(C.shape),
+        u.new_empty((E,), dtype=acc) if D is not None else empty(),
+        u.new_empty((b, s, E)) if z is not None else u.new_empty((0,)),
+        u.new_empty((E,), dtype=acc) if delta_bias is not None else empty(),
+    ]
+
+
+def fork_scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, prefix_len, delta_softplus = inputs
+    _, ysum, checkpoints = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints)
+    ctx.prefix_len = prefix_len
+    ctx.delta_softplus = delta_softplus
+    ctx.mark_non_differentiable(ysum, checkpoints)
+
+
+def make_fork_scan_backward(backward_op):
+    """The autograd backward of a fork_scan op whose gradients ``backward_op`` computes."""
+    def _backward(ctx, dout, _dysum, _dcheckpoints):
+        u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias = backward_op(
+            dout, u, delta, A, B, C, D, z, delta_bias, ysum, checkpoints, ctx.prefix_len, ctx.delta_softplus
+        )
+        return (
+            du, ddelta, dA, dB, dC,
+            dD if D is not None else None,
+            dz if z is not None else None,
+            dbias if delta_bias is not None else None,
+            None, None,
+        )
+
+    return _backward
+
+
 def register() -> None:
-    torch.library.register_fake("vlssm::selective_scan")(fake)
-    torch.library.register_fake("vlssm::selective_scan_backward")(fake_backward)
-    torch.library.register_autograd("vlssm::selective_scan", make_backward(torch.ops.vlssm.selective_scan_backward),
-                                    setup_context=setup_context)
+    torch.library.register_fake("vlssm::selective_scan")(selective_scan_fake)
+    torch.library.register_fake("vlssm::selective_scan_backward")(selective_scan_fake_backward)
+    torch.library.register_autograd("vlssm::selective_scan",
+                                    make_selective_scan_backward(torch.ops.vlssm.selective_scan_backward),
+                                    setup_context=selective_scan_setup_context)
+    torch.library.register_fake("vlssm::fork_scan")(fork_scan_fake)
+    torch.library.register_fake("vlssm::fork_scan_backward")(fork_scan_fake_backward)
+    torch.library.register_autograd("vlssm::fork_scan", make_fork_scan_backward(torch.ops.vlssm.fork_scan_backward),
+                                    setup_context=fork_scan_setup_context)

@@ -149,8 +149,8 @@ def _model_defaults(name: str) -> Tuple[str, int]:
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[int]:
     """Resolve the defaults and check every flag before anything is built; an exit status (2) on error."""
     from .. import models
-    from ..modules.pdlr import _import_open_clip
     from ..models._clip import _config_kind
+    from ..modules.pdlr import _import_open_clip
 
     choices = list(models.list_models()) + list(LAYERS)
     if args.model not in choices:
@@ -270,7 +270,7 @@ def _model_target(cfg: Dict[str, Any]) -> _Target:
     from .. import models
     from ..data.coco import coco_classnames
     from ..models.candle import Candle
-    from ..models.capnet import CAPNet, Adapter, ConvAdapter
+    from ..models.capnet import Adapter, CAPNet, ConvAdapter
     from ..models.mvlr import MVLR, MVLRBaseline
 
     torch.manual_seed(cfg["seed"])
@@ -602,7 +602,10 @@ def bench_provider(cfg: Dict[str, Any]) -> Dict[str, Any]:
     target = _build_target(cfg)
     res: Dict[str, Any] = {"error": ""}
     compiled = torch.compile(target.module) if cfg.get("compile") else None
-    fn: Callable[[], Any] = lambda: target.forward(compiled)
+
+    def fn() -> Any:
+        return target.forward(compiled)
+
     with torch.no_grad():
         fn()  # prime: fills the label caches (and compiles)
         if cfg.get("cuda_graphs"):

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._dtypes import acc_dtype
+
 __all__ = ["attention_with_probs_ref"]
 
 
@@ -26,7 +28,7 @@ def attention_with_probs_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     dtype = q.dtype
-    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    cd = acc_dtype(dtype)
     qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
     scores = torch.matmul(qc, kc.transpose(-2, -1))
     scores = scores * scale

@@ -1,4 +1,4 @@
-"""Pure-PyTorch references for the scan ops: the ground truth.
+"""Pure-PyTorch references of the scan family (selective_scan, fork_scan): the ground truth.
 
 Each function literally does the naive thing (concatenate, flip, loop over
 time, materialise ``exp(delta * A)``) and works in any floating dtype,
@@ -12,11 +12,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan_ref", "fork_conv1d_ref", "fork_scan_ref"]
+from .._dtypes import acc_dtype
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["selective_scan_ref", "fork_scan_ref"]
 
 
 def _per_channel(X: torch.Tensor, batch: int, dim: int, L: int) -> torch.Tensor:
@@ -70,7 +68,7 @@ def selective_scan_ref(
         return res.flip(-1)
 
     dtype_in = u.dtype
-    cd = _compute_dtype(dtype_in)
+    cd = acc_dtype(dtype_in)
     u = u.to(cd)
     delta = delta.to(cd)
     A = A.to(cd)
@@ -95,32 +93,6 @@ def selective_scan_ref(
         out = out * F.silu(z.to(cd))
     out = out.to(dtype_in)
     return (out, x) if return_last_state else out
-
-
-def fork_conv1d_ref(
-    x_prefix: torch.Tensor,
-    x_suffix: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Reference fork conv: depthwise causal conv1d + SiLU of [P, S] and [P, rev S].
-
-    Token-major shapes: x_prefix (b, p, E), x_suffix (b, s, E), weight (E, K),
-    bias (E,). Returns (b, p + 2s, E): the prefix segment, the suffix as seen in
-    [P, S], and the suffix as seen in [P, rev S] stored back in token order.
-    """
-    b, p, E = x_prefix.shape
-    s = x_suffix.shape[1]
-    K = weight.shape[1]
-
-    def conv(seq):  # (b, L, E) -> (b, L, E)
-        L = seq.shape[1]
-        y = F.conv1d(seq.transpose(1, 2), weight[:, None, :], bias, padding=K - 1, groups=E)
-        return F.silu(y[..., :L]).transpose(1, 2)
-
-    fwd = conv(torch.cat([x_prefix, x_suffix], dim=1))
-    rev = conv(torch.cat([x_prefix, x_suffix.flip(1)], dim=1))
-    return torch.cat([fwd[:, :p], fwd[:, p:], rev[:, p:].flip(1)], dim=1)
 
 
 def fork_scan_ref(
@@ -159,6 +131,6 @@ def fork_scan_ref(
     y2 = selective_scan_ref(u2, d2, A, B2, C2, D, None, delta_bias, delta_softplus)[..., p:].flip(-1)
     y = (y1 + y2).transpose(1, 2)
     if z is not None:
-        cd = _compute_dtype(u.dtype)
+        cd = acc_dtype(u.dtype)
         y = (y.to(cd) * F.silu(z.to(cd))).to(u.dtype)
     return y

@@ -14,7 +14,7 @@
 // instead of hanging. Threads really run concurrently, so shared-memory races
 // show up as wrong results (not deterministically).
 //
-// tests/cuda_emu/build.py rewrites the kernel launch syntax (k<<<g, b, s, st>>>)
+// vlssm/testing/cuda_emu.py rewrites the kernel launch syntax (k<<<g, b, s, st>>>)
 // and the __shared__ declarations into calls of this header; the fake
 // c10/cuda headers next to it stand in for the CUDA runtime.
 #pragma once

@@ -6,7 +6,7 @@
 - :func:`kcr_loss` — knowledge-consistency loss: mean over label rows of
   ``1 - cos(t_ka row, t_ca row)``, fused (one pass for dot and both norms).
 
-Schemas (csrc/ifm_ops.cpp)::
+Schemas (csrc/ifm.cpp)::
 
     relation_aggregate(m_ka, m_ca, t_ca, alpha) -> out
     relation_aggregate_backward(grad, m_ka, m_ca, t_ca, alpha) -> [dm_ka, dm_ca, dt_ca, dalpha]
@@ -152,7 +152,7 @@ def kcr_loss(t_ka: torch.Tensor, t_ca: torch.Tensor, eps: float = 1e-8, *,
 
 # --------------------------------------------------------------------------
 # Registration (run once vlssm._C has defined the schemas). The Triton ops
-# (kernels/ifm_ops.py) reuse these fake and autograd functions.
+# (kernels/ifm.py) reuse these fake and autograd functions.
 
 def fake_relation_aggregate(m_ka, m_ca, t_ca, alpha):
     _checks.same_device("t_ca", t_ca, m_ka=m_ka, m_ca=m_ca, alpha=alpha)

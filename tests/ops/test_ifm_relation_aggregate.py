@@ -11,20 +11,15 @@ from typing import NamedTuple
 import pytest
 import torch
 
-import _ops_testlib as T
-from vlssm import _backend, ops
+from vlssm import ops
+from vlssm import testing as T
 from vlssm.reference import relation_aggregate_ref
 
 F32, F64 = torch.float32, torch.float64
 KEYS = ("m_ka", "m_ca", "t_ca", "alpha")
 
-_TRITON_WHY = _backend._usable("triton", torch.device("cpu"))
-requires_triton = pytest.mark.skipif(_TRITON_WHY is not None, reason=str(_TRITON_WHY))
-BACKENDS = [pytest.param("cpu", marks=T.requires_ext), pytest.param("triton", marks=requires_triton), "reference"]
-KERNEL_BACKENDS = BACKENDS[:2]
-RAW = {"cpu": (lambda: torch.ops.vlssm.relation_aggregate, lambda: torch.ops.vlssm.relation_aggregate_backward),
-       "triton": (lambda: torch.ops.vlssm.relation_aggregate_triton,
-                  lambda: torch.ops.vlssm.relation_aggregate_backward_triton)}
+BACKENDS = T.backend_params()
+KERNEL_BACKENDS = T.backend_params(kernels_only=True)
 
 
 class Case(NamedTuple):
@@ -51,6 +46,11 @@ def _id(c: Case) -> str:
 CASES = [Case(1, 1, 1, True), Case(1, 1, 1, False), Case(2, 3, 5, True), Case(3, 3, 1, False),
          Case(1, 5, 7, False), Case(2, 33, 40, True), Case(3, 17, 35, False)]
 ALPHAS = [0.0, 1.0, 0.5, 0.3]
+
+
+def raw_ops(backend):
+    """The raw (forward, backward) ops of a kernel backend."""
+    return T.raw_op("relation_aggregate", backend), T.raw_op("relation_aggregate", backend, True)
 
 
 def run(inp, backend):
@@ -110,8 +110,7 @@ def test_forward_and_gradients(backend, c, dtype, alpha, seed):
     out = outs[0]
     assert out.dtype == dtype and out.shape == (c.B, c.C, c.d)
     T.assert_rel("out", out, routs[0], T.FWD_TOL[dtype])
-    fine = {F32: (1e-4, 1e-5), F64: (1e-9, 1e-11)}[dtype]
-    T.assert_elementwise("out", out, routs[0], *fine)
+    T.assert_elementwise("out", out, routs[0], *T.ELEMENTWISE_TOL[dtype])
     assert set(grads) == set(KEYS)
     for k in KEYS:
         assert grads[k].dtype == dtype and grads[k].shape == inp[k].shape, k
@@ -159,10 +158,7 @@ def test_half(c, backend, dtype, seed):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "batched"])
 def test_gradcheck(shared, seed, cpu_backend):
-    inp = Case(2, 3, 4, shared).inputs(seed, F64, 0.3)
-    leaves = [inp[k].clone().requires_grad_(True) for k in KEYS]
-    assert torch.autograd.gradcheck(lambda *xs: run(dict(zip(KEYS, xs)), cpu_backend), leaves,
-                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    T.gradcheck(lambda a: run(a, cpu_backend), Case(2, 3, 4, shared).inputs(seed, F64, 0.3), cpu_backend)
 
 
 # --------------------------------------------------------------------------
@@ -194,7 +190,7 @@ def test_strided_and_broadcast_inputs(backend, seed):
 @pytest.mark.parametrize("c", [Case(2, 35, 33, True), Case(3, 7, 9, False)], ids=_id)
 def test_raw_ops_write_every_element(backend, c, seed):
     """NaN-poisoned allocations: every output element written, elementwise right, twice identical."""
-    fwd, bwd = (f() for f in RAW[backend])
+    fwd, bwd = raw_ops(backend)
     inp = c.inputs(seed, F32, 0.6)
     g = T.gen(seed + 3)
     dy = T.randn(g, c.B, c.C, c.d)
@@ -216,21 +212,16 @@ def test_raw_ops_write_every_element(backend, c, seed):
         assert torch.equal(a, b), "backward is not deterministic"
 
 
-def _opcheck(op, args):
-    res = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in res.values()), res
-
-
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("c,dtype", [(Case(2, 3, 5, True), F32), (Case(2, 4, 3, False), F64)],
                          ids=["shared-f32", "batched-f64"])
 def test_opcheck(backend, c, dtype, seed):
-    fwd, bwd = (f() for f in RAW[backend])
+    fwd, bwd = raw_ops(backend)
     inp = c.inputs(seed, dtype, 0.3)
-    _opcheck(fwd.default, tuple(inp[k].clone().requires_grad_(True) for k in KEYS))
-    _opcheck(fwd.default, tuple(inp[k] for k in KEYS))
+    T.opcheck(fwd.default, tuple(inp[k].clone().requires_grad_(True) for k in KEYS))
+    T.opcheck(fwd.default, tuple(inp[k] for k in KEYS))
     dy = T.randn(T.gen(seed + 1), c.B, c.C, c.d, dtype=dtype)
-    _opcheck(bwd.default, (dy, *(inp[k] for k in KEYS)))
+    T.opcheck(bwd.default, (dy, *(inp[k] for k in KEYS)))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -240,23 +231,14 @@ def test_compile_fullgraph(backend, compiler, seed, clean_env):
     inp = c.inputs(seed, F32, 0.3)
 
     def fn(m_ka, m_ca, t_ca, alpha):
-        return torch.tanh(ops.relation_aggregate(m_ka, m_ca, t_ca, alpha, backend=backend)) * 2
+        return (torch.tanh(ops.relation_aggregate(m_ka, m_ca, t_ca, alpha, backend=backend)) * 2,)
 
-    le = [inp[k].clone().requires_grad_(True) for k in KEYS]
-    lc = [inp[k].clone().requires_grad_(True) for k in KEYS]
-    ye = fn(*le)
-    yc = torch.compile(fn, fullgraph=True, backend=compiler)(*lc)
-    w = T.randn(T.gen(9), *ye.shape)
-    (ye * w).sum().backward()
-    (yc * w).sum().backward()
-    T.assert_rel("out", yc, ye, 1e-6)
-    for k, a, e in zip(KEYS, lc, le):
-        T.assert_rel(f"d{k}", a.grad, e.grad, 1e-6)
+    T.compile_check(fn, inp, list(KEYS), compiler)
 
 
 def test_default_backend_selection(seed, cpu_backend, clean_env):
     """auto / None pick the compiled kernel on CPU tensors; VLSSM_BACKEND=reference the reference."""
-    import vlssm.ops.ifm_ops as mod
+    import vlssm.ops.ifm as mod
 
     inp = Case(2, 8, 40, False).inputs(seed, F32, 0.3)
     calls = []
@@ -315,7 +297,7 @@ RAW_BAD = [b for b in BAD if isinstance(b[3].get(b[2], torch.empty(0)), torch.Te
 @pytest.mark.parametrize("exc,name,over", [b[1:] for b in RAW_BAD], ids=[b[0] for b in RAW_BAD])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_bad_inputs_raw(backend, exc, name, over):
-    fwd, bwd = (f() for f in RAW[backend])
+    fwd, bwd = raw_ops(backend)
     a = {**_valid(), **over}
     T.check_raises(exc, name, fwd, *(a[k] for k in KEYS))
     T.check_raises(exc, name, bwd, _valid()["t_ca"], *(a[k] for k in KEYS))
@@ -324,7 +306,7 @@ def test_bad_inputs_raw(backend, exc, name, over):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_bad_grad_raw(backend):
     v = _valid()
-    T.check_raises(ValueError, "grad", RAW[backend][1](), v["t_ca"][:, :1], *(v[k] for k in KEYS))
+    T.check_raises(ValueError, "grad", raw_ops(backend)[1], v["t_ca"][:, :1], *(v[k] for k in KEYS))
 
 
 def test_bad_backend(seed):

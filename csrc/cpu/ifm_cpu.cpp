@@ -1,4 +1,4 @@
-// CPU kernels of the Interaction and Fusion Module ops (schemas: csrc/ifm_ops.cpp).
+// CPU kernels of the Interaction and Fusion Module ops (schemas: csrc/ifm.cpp).
 //
 // relation_aggregate: Y_b = (a M_ka + (1 - a) M_ca,b) T_b. Two ways without a
 // (B, C, C) mixed map: (1) mix the C x C map of one batch into a workspace

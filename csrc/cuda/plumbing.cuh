@@ -1,5 +1,6 @@
 // Shared plumbing of the vlssm CUDA kernels: strided views, argument checks
-// (same device), launch helpers. Per-step math lives in ../scan_math.h.
+// (same device), launch helpers. Elementwise math lives in ../fast_math.h, generic
+// checks in ../checks.h, each family's shapes in ../<family>_shapes.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,8 +11,8 @@
 #include <initializer_list>
 #include <utility>
 
-#include "../scan_math.h"
-#include "../scan_shapes.h"
+#include "../checks.h"
+#include "../fast_math.h"
 
 namespace vlssm {
 namespace cuda {

@@ -14,19 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import _ops_testlib as T
-from vlssm import _backend, ops
+from vlssm import ops
+from vlssm import testing as T
 from vlssm.reference import kcr_loss_ref
 
 F32, F64 = torch.float32, torch.float64
 KEYS = ("t_ka", "t_ca")
 
-_TRITON_WHY = _backend._usable("triton", torch.device("cpu"))
-requires_triton = pytest.mark.skipif(_TRITON_WHY is not None, reason=str(_TRITON_WHY))
-BACKENDS = [pytest.param("cpu", marks=T.requires_ext), pytest.param("triton", marks=requires_triton), "reference"]
-KERNEL_BACKENDS = BACKENDS[:2]
-RAW = {"cpu": (lambda: torch.ops.vlssm.kcr_loss, lambda: torch.ops.vlssm.kcr_loss_backward),
-       "triton": (lambda: torch.ops.vlssm.kcr_loss_triton, lambda: torch.ops.vlssm.kcr_loss_backward_triton)}
+BACKENDS = T.backend_params()
+KERNEL_BACKENDS = T.backend_params(kernels_only=True)
 
 
 class Case(NamedTuple):
@@ -54,6 +50,11 @@ CASES = [
     Case((2, 3, 4, 5, 6), (5, 6)),   # 4 leading dims
     Case((3, 33, 70), (3, 33, 70)),
 ]
+
+
+def raw_ops(backend):
+    """The raw (forward, backward) ops of a kernel backend."""
+    return T.raw_op("kcr_loss", backend), T.raw_op("kcr_loss", backend, True)
 
 
 def run(inp, backend, eps=1e-8):
@@ -181,10 +182,7 @@ def test_half(c, backend, dtype, seed):
 @pytest.mark.parametrize("c", [Case((3, 4), (2, 3, 4)), Case((2, 1, 3, 4), (2, 3, 4)), Case((3, 1), (3, 1))],
                          ids=_id)
 def test_gradcheck(c, seed, cpu_backend):
-    inp = c.inputs(seed, F64)
-    leaves = [inp[k].clone().requires_grad_(True) for k in KEYS]
-    assert torch.autograd.gradcheck(lambda a, b: run({"t_ka": a, "t_ca": b}, cpu_backend), leaves,
-                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    T.gradcheck(lambda a: run(a, cpu_backend), c.inputs(seed, F64), cpu_backend)
 
 
 # --------------------------------------------------------------------------
@@ -210,7 +208,7 @@ def test_strided_and_expanded_inputs(backend, seed):
 @pytest.mark.parametrize("c", [Case((5, 7), (3, 5, 7)), Case((2, 1, 20, 40), (3, 20, 40))], ids=_id)
 def test_raw_ops_write_every_element(backend, c, seed):
     """NaN-poisoned allocations: loss, stats and gradients right elementwise, twice identical."""
-    fwd, bwd = (f() for f in RAW[backend])
+    fwd, bwd = raw_ops(backend)
     inp = c.inputs(seed, F32)
     rows = torch.broadcast_shapes(c.ka[:-1], c.ca[:-1])
     T.poison_allocator(torch.empty(*rows, 3), *inp.values())
@@ -234,38 +232,28 @@ def test_raw_ops_write_every_element(backend, c, seed):
         assert torch.equal(g, g2), "backward is not deterministic"
 
 
-def test_cpu_deterministic_across_thread_counts(seed, cpu_backend, restore_threads, deterministic_algorithms):
+def test_cpu_deterministic_across_thread_counts(seed, cpu_backend):
     inp = Case((64, 50), (7, 64, 50)).inputs(seed, F32)
 
     def both():
         leaves = {k: v.clone().requires_grad_(True) for k, v in inp.items()}
-        loss = run(leaves, "cpu")
+        loss = run(leaves, cpu_backend)
         loss.backward()
         return [loss.detach()] + [leaves[k].grad for k in KEYS]
 
-    torch.set_num_threads(2)
-    r2 = both()
-    torch.set_num_threads(1)
-    r1 = both()
-    for i, (a, b) in enumerate(zip(r1, r2)):
-        assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
-
-
-def _opcheck(op, args):
-    res = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in res.values()), res
+    T.assert_deterministic(both)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("c,dtype", [(Case((3, 4), (2, 3, 4)), F32), (Case((2, 3, 5), (3, 5)), F64)],
                          ids=["ka-bcast-f32", "ca-bcast-f64"])
 def test_opcheck(backend, c, dtype, seed):
-    fwd, bwd = (f() for f in RAW[backend])
+    fwd, bwd = raw_ops(backend)
     inp = c.inputs(seed, dtype)
-    _opcheck(fwd.default, (inp["t_ka"].clone().requires_grad_(True), inp["t_ca"].clone().requires_grad_(True), 1e-8))
-    _opcheck(fwd.default, (inp["t_ka"], inp["t_ca"], 1e-8))
+    T.opcheck(fwd.default, (inp["t_ka"].clone().requires_grad_(True), inp["t_ca"].clone().requires_grad_(True), 1e-8))
+    T.opcheck(fwd.default, (inp["t_ka"], inp["t_ca"], 1e-8))
     _, stats = fwd(inp["t_ka"], inp["t_ca"], 1e-8)
-    _opcheck(bwd.default, (torch.tensor(0.5, dtype=dtype), inp["t_ka"], inp["t_ca"], stats, 1e-8))
+    T.opcheck(bwd.default, (torch.tensor(0.5, dtype=dtype), inp["t_ka"], inp["t_ca"], stats, 1e-8))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -274,17 +262,9 @@ def test_compile_fullgraph(backend, compiler, seed, clean_env):
     inp = Case((3, 4), (2, 3, 4)).inputs(seed, F32)
 
     def fn(t_ka, t_ca):
-        return ops.kcr_loss(torch.tanh(t_ka), t_ca * 2, backend=backend) * 3
+        return (ops.kcr_loss(torch.tanh(t_ka), t_ca * 2, backend=backend) * 3,)
 
-    le = [inp[k].clone().requires_grad_(True) for k in KEYS]
-    lc = [inp[k].clone().requires_grad_(True) for k in KEYS]
-    ye = fn(*le)
-    yc = torch.compile(fn, fullgraph=True, backend=compiler)(*lc)
-    ye.backward()
-    yc.backward()
-    T.assert_rel("loss", yc, ye, 1e-6)
-    for k, a, e in zip(KEYS, lc, le):
-        T.assert_rel(f"d{k}", a.grad, e.grad, 1e-6)
+    T.compile_check(fn, inp, list(KEYS), compiler)
 
 
 # --------------------------------------------------------------------------
@@ -326,7 +306,7 @@ RAW_BAD = [b for b in BAD if b[0] not in ("t_ka-list", "t_ca-empty")]
 @pytest.mark.parametrize("exc,name,over", [b[1:] for b in RAW_BAD], ids=[b[0] for b in RAW_BAD])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_bad_inputs_raw(backend, exc, name, over):
-    fwd, bwd = (f() for f in RAW[backend])
+    fwd, bwd = raw_ops(backend)
     a = {**_valid(), **over}
     T.check_raises(exc, name, fwd, a["t_ka"], a["t_ca"], 1e-8)
     T.check_raises(exc, name, bwd, torch.tensor(1.0), a["t_ka"], a["t_ca"], torch.zeros(2, 3, 3), 1e-8)
@@ -335,6 +315,6 @@ def test_bad_inputs_raw(backend, exc, name, over):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_bad_stats_and_grad_raw(backend):
     v = _valid()
-    bwd = RAW[backend][1]()
+    bwd = raw_ops(backend)[1]
     T.check_raises(ValueError, "stats", bwd, torch.tensor(1.0), v["t_ka"], v["t_ca"], torch.zeros(3, 3), 1e-8)
     T.check_raises(ValueError, "grad", bwd, torch.ones(2), v["t_ka"], v["t_ca"], torch.zeros(2, 3, 3), 1e-8)

@@ -17,8 +17,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../scan_math.h"
-#include "../scan_shapes.h"
+#include "../conv_shapes.h"
+#include "../fast_math.h"
 #include "simd.h"
 
 namespace vlssm {

@@ -1,5 +1,6 @@
-// Per-step math of the selective scan, shared by the CPU kernels and the
-// CUDA kernels (csrc/cuda/scan_cuda.cu, fork_conv1d_cuda.cu): every function here compiles for host and device.
+// Elementwise math of every op family (softplus, fast exp / log, sigmoid, silu
+// and their derivatives), shared by the CPU and CUDA kernels: every function
+// here compiles for host and device. The scan step it serves:
 //
 // One scan step for channel d, state index n, token l (A = -exp(A_log) < 0):
 //   dt     = softplus(delta[l] + delta_bias[d])          (if delta_softplus)
@@ -123,20 +124,6 @@ template <typename T>
 VLSSM_HD T vsilu_grad(T x) {
   const T s = vsigmoid(x);
   return s * (T(1) + x * (T(1) - s));
-}
-
-// fork_conv1d tap map (see csrc/cpu/fork_conv1d_cpu.cpp): the combined [P, S]
-// input position (0 .. p+s-1) read by tap k (k = K-1 is the current token) of
-// output o of [prefix | forward suffix | reversed suffix], or -1 for padding.
-VLSSM_HD int64_t fork_tap_source(int64_t o, int64_t k, int64_t p, int64_t s, int64_t K) {
-  if (o < p + s) {
-    const int64_t q = o - (K - 1) + k;
-    return q >= 0 ? q : -1;
-  }
-  const int64_t i = o - p - s;
-  const int64_t q = p + (s - 1 - i) - (K - 1) + k;
-  if (q >= p) return p + i + (K - 1 - k);
-  return q >= 0 ? q : -1;
 }
 
 }  // namespace vlssm

@@ -1,6 +1,6 @@
 """Triton kernels of ``fork_conv1d`` (``backend="triton"``).
 
-Ops (same schemas and outputs as the compiled ones in csrc/cpu/fork_conv1d_cpu.cpp)::
+Ops (same schemas and outputs as the compiled ones in csrc/cpu/conv_cpu.cpp)::
 
     vlssm::fork_conv1d_triton(x_prefix (b, p, E), x_suffix (b, s, E), weight (E, K), bias? (E,))
         -> y (b, p + 2s, E) = [prefix | suffix in [P, S] | suffix in [P, rev S]], token order
@@ -8,7 +8,7 @@ Ops (same schemas and outputs as the compiled ones in csrc/cpu/fork_conv1d_cpu.c
         -> [dx_prefix (b, p, E), dx_suffix (b, s, E), dweight (E, K), dbias (E,) or (0,)]
 
 Tap k (k = K-1: the current token) of output o reads the combined sequence
-[P, S] at ``_tap_source(o, k)`` (see fork_conv1d_cpu.cpp): o - (K-1) + k for the
+[P, S] at ``_tap_source(o, k)`` (see csrc/conv_shapes.h): o - (K-1) + k for the
 prefix and forward suffix; for reversed-suffix token i the sequence
 [P, rev S], i.e. S[i + K-1-k] or, past the suffix's start, P. The reversed
 segment is never materialised.
@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import fork as _fork
-from ..ops._checks import FLOATING, operand
+from ..ops import conv as _conv
+from ..ops._checks import FLOATING, acc_dtype, operand
 from ._op import INTERPRET, kernel_op, launch
 from .attention import _store_cast
 
@@ -144,7 +144,7 @@ def _conv_dx_kernel(g_ptr, w_ptr, dxp_ptr, dxs_ptr, p, s, E, K, swe, swk,
 
 
 def _check(x_prefix, x_suffix, weight, bias, dy=None):
-    """The raw ops' argument checks (like fork_conv1d_cpu.cpp): errors name the argument."""
+    """The raw ops' argument checks (like csrc/conv_shapes.h): errors name the argument."""
     if x_prefix.dim() != 3:
         raise ValueError(f"x_prefix must have shape (batch, prefix_len, dim), got {tuple(x_prefix.shape)}")
     if x_suffix.dim() != 3:
@@ -196,7 +196,7 @@ def fork_conv1d_triton(x_prefix: torch.Tensor, x_suffix: torch.Tensor, weight: t
 def fork_conv1d_backward_triton(dy: torch.Tensor, x_prefix: torch.Tensor, x_suffix: torch.Tensor,
                                 weight: torch.Tensor, bias: Optional[torch.Tensor]) -> List[torch.Tensor]:
     b, p, s, E, K = _check(x_prefix, x_suffix, weight, bias, dy)
-    acc = torch.float64 if x_prefix.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x_prefix.dtype)
     Lout = p + 2 * s
     bl, be = _blocks(Lout, E)
     nl = triton.cdiv(Lout, bl)
@@ -217,8 +217,8 @@ def fork_conv1d_backward_triton(dy: torch.Tensor, x_prefix: torch.Tensor, x_suff
     return [dxp, dxs, dw, db]
 
 
-torch.library.register_fake("vlssm::fork_conv1d_triton")(_fork.conv_fake)
-torch.library.register_fake("vlssm::fork_conv1d_backward_triton")(_fork.conv_fake_backward)
+torch.library.register_fake("vlssm::fork_conv1d_triton")(_conv.fake)
+torch.library.register_fake("vlssm::fork_conv1d_backward_triton")(_conv.fake_backward)
 torch.library.register_autograd("vlssm::fork_conv1d_triton",
-                                _fork.make_conv_backward(torch.ops.vlssm.fork_conv1d_backward_triton),
-                                setup_context=_fork.conv_setup_context)
+                                _conv.make_backward(torch.ops.vlssm.fork_conv1d_backward_triton),
+                                setup_context=_conv.setup_context)

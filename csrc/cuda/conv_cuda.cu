@@ -1,8 +1,8 @@
 // CUDA kernels of vlssm::fork_conv1d (forward and backward): depthwise causal
 // conv (width K, bias) + SiLU over [P, S] and [P, rev S] at once, token-major
 // (b, L, E) operands; y (b, p + 2s, E) = [prefix | forward suffix | reversed
-// suffix], tap map fork_tap_source (csrc/scan_math.h, shared with the CPU
-// kernel csrc/cpu/fork_conv1d_cpu.cpp).
+// suffix], tap map fork_tap_source (csrc/conv_shapes.h, shared with the CPU
+// kernel csrc/cpu/conv_cpu.cpp).
 //
 // Forward: one thread per output element (b, o, e), grid-stride, e fastest
 // (coalesced loads of x rows and stores of y); K taps read straight from
@@ -29,7 +29,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "common.cuh"
+#include "../conv_shapes.h"
+#include "plumbing.cuh"
 
 namespace vlssm {
 namespace cuda {

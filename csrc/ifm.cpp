@@ -1,6 +1,6 @@
 // Schemas of the Interaction and Fusion Module ops of MVLR (a fragment of the
-// vlssm library; csrc/vlssm.cpp holds the others). Kernels: csrc/cpu/ifm_ops_cpu.cpp
-// and kernels/ifm_ops.py (backend="triton"); fake / autograd: vlssm/ops/ifm_ops.py.
+// vlssm library; csrc/vlssm.cpp holds the library and module init). Kernels: csrc/cpu/ifm_cpu.cpp
+// and kernels/ifm.py (backend="triton"); fake / autograd: vlssm/ops/ifm.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(vlssm, m) {

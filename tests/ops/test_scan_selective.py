@@ -13,8 +13,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-import _ops_testlib as T
 from vlssm import ops
+from vlssm import testing as T
 from vlssm.reference import selective_scan_ref
 
 F32, F64 = torch.float32, torch.float64
@@ -97,13 +97,8 @@ def ref_same(inp, c: Case):
                               initial_state=inp["initial_state"])
 
 
-#: The raw (forward, backward) op names of each kernel backend.
-RAW_OPS = {"cpu": ("selective_scan", "selective_scan_backward"),
-           "triton": ("selective_scan_triton", "selective_scan_backward_triton")}
-
-
 def raw_op(backend: str, backward: bool = False):
-    return getattr(torch.ops.vlssm, RAW_OPS[backend][int(backward)])  # int: torch 2.11 dynamo: no bool index
+    return T.raw_op("selective_scan", backend, backward)
 
 
 def _small(c: Case, steps: int = 140) -> bool:
@@ -156,9 +151,8 @@ def test_forward(c, dtype, seed, kernel_backend):
     assert last.dtype == T.acc_dtype(dtype) and last.shape == (c.b, c.dim, c.N)
     T.assert_rel("out", out, ref, T.FWD_TOL[dtype])
     T.assert_rel("last_state", last, ref_last, T.FWD_TOL[dtype])
-    fine = {F32: (1e-4, 1e-5), F64: (1e-9, 1e-11)}[dtype]
-    T.assert_elementwise("out", out, ref, *fine)
-    T.assert_elementwise("last_state", last, ref_last, *fine)
+    T.assert_elementwise("out", out, ref, *T.ELEMENTWISE_TOL[dtype])
+    T.assert_elementwise("last_state", last, ref_last, *T.ELEMENTWISE_TOL[dtype])
 
 
 @pytest.mark.parametrize("c", LONG_CASES, ids=_id)
@@ -251,7 +245,6 @@ def _grad_check(c, dtype, seed, backend, use_out=True, use_last=True):
 
     outs, grads = T.grads_of(fn, inp, cot)
     routs, rgrads = T.grads_of(lambda **a: ref64(a, c), T.up_all(inp), cot)  # float64 leaves
-    assert set(grads) == set(rgrads) == {k for k, v in inp.items() if v is not None}
     return inp, grads, rgrads
 
 
@@ -260,21 +253,15 @@ def _grad_check(c, dtype, seed, backend, use_out=True, use_last=True):
 def test_gradients(c, dtype, seed, kernel_backend):
     T.skip_slow_triton(kernel_backend, _small(c, 100))
     inp, grads, rgrads = _grad_check(c, dtype, seed, kernel_backend)
-    bad = []
-    for k, gk in grads.items():
-        assert gk.dtype == inp[k].dtype and gk.shape == inp[k].shape, k
-        assert torch.isfinite(gk).all(), f"d{k} not finite"
-        err = T.rel_err(gk, rgrads[k])
-        if not err < T.GRAD_TOL[dtype]:
-            bad.append(f"d{k}: {err:.3g}")
-    assert not bad, "rel err >= tol: " + ", ".join(bad)
+    T.assert_grads(grads, rgrads, inp, T.GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("use_out,use_last", [(False, True), (True, False)], ids=["only-last", "only-out"])
 def test_gradients_one_output(use_out, use_last, seed, kernel_backend):
     T.skip_slow_triton(kernel_backend, use_last)
     c = Case(2, 5, 70, 3, True, True, True, True, True, True)
-    _, grads, rgrads = _grad_check(c, F64, seed, kernel_backend, use_out, use_last)
+    inp, grads, rgrads = _grad_check(c, F64, seed, kernel_backend, use_out, use_last)
+    assert set(grads) == set(rgrads) == {k for k, v in inp.items() if v is not None}
     for k in grads:
         if rgrads[k].norm() == 0:  # e.g. dz when only last_state is used
             assert grads[k].norm() == 0, f"d{k} must be zero"
@@ -312,25 +299,11 @@ GRADCHECK_CASES = [
 @pytest.mark.parametrize("c", GRADCHECK_CASES, ids=_id)
 def test_gradcheck(c, seed, kernel_backend):
     T.skip_slow_triton(kernel_backend, c.L < 64 and c.has_D)
-    inp = c.inputs(seed, F64)
-    names = [k for k in T.SCAN_KEYS if inp[k] is not None]
-    leaves = [inp[k].clone().requires_grad_(True) for k in names]
-
-    def fn(*xs):
-        return run(dict(inp, **dict(zip(names, xs))), c, kernel_backend)
-
-    # the interpreted Triton kernels: one random direction per input instead of the full Jacobian
-    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
+    T.gradcheck(lambda a: run(a, c, kernel_backend), c.inputs(seed, F64), kernel_backend)
 
 
 # --------------------------------------------------------------------------
 # Registration: opcheck, torch.compile
-
-
-def _opcheck(op, args):
-    res = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in res.values()), res
 
 
 OPCHECK_CASES = [
@@ -347,7 +320,7 @@ def test_opcheck_forward(c, dtype, requires_grad, seed, kernel_backend):
     T.skip_slow_triton(kernel_backend, _small(c) and requires_grad)
     inp = c.inputs(seed, dtype)
     args = [None if inp[k] is None else inp[k].clone().requires_grad_(requires_grad) for k in T.SCAN_KEYS]
-    _opcheck(raw_op(kernel_backend).default, (*args, c.softplus, c.reverse))
+    T.opcheck(raw_op(kernel_backend).default, (*args, c.softplus, c.reverse))
 
 
 @pytest.mark.parametrize("c,dtype,with_dlast", [
@@ -363,7 +336,7 @@ def test_opcheck_backward(c, dtype, with_dlast, seed, kernel_backend):
     dout = T.randn(g, c.b, c.dim, c.L, dtype=dtype)
     dlast = T.randn(g, c.b, c.dim, c.N, dtype=T.acc_dtype(dtype)) if with_dlast else None
     args = (dout, dlast, *[inp[k] for k in T.SCAN_KEYS], ck, c.softplus, c.reverse)
-    _opcheck(raw_op(kernel_backend, True).default, args)
+    T.opcheck(raw_op(kernel_backend, True).default, args)
 
 
 @pytest.mark.parametrize("api,c", [
@@ -412,17 +385,10 @@ def _fwd_bwd(inp, c, backend):
     return outs + [grads[k] for k in sorted(grads)]
 
 
-def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads, deterministic_algorithms):
+def test_deterministic_and_thread_count_independent(seed, cpu_backend):
     c = Case(3, 70, 150, 5, True, True, True, True, True, True)
     inp = c.inputs(seed, F32)
-    torch.set_num_threads(2)
-    r1 = _fwd_bwd(inp, c, cpu_backend)
-    r2 = _fwd_bwd(inp, c, cpu_backend)
-    torch.set_num_threads(1)
-    r3 = _fwd_bwd(inp, c, cpu_backend)
-    for i, (a, b_, d) in enumerate(zip(r1, r2, r3)):
-        assert torch.equal(a, b_), f"result {i} differs between two runs"
-        assert torch.equal(a, d), f"result {i} differs between 2 threads and 1 thread"
+    T.assert_deterministic(lambda: _fwd_bwd(inp, c, cpu_backend))
 
 
 def _noncontig(inp, c):
@@ -457,13 +423,7 @@ def test_noncontiguous_inputs(seed, kernel_backend):
     nc = _noncontig(inp, c)
     g = T.gen(seed + 1)
     cot = [T.randn(g, c.b, c.dim, c.L), T.randn(g, c.b, c.dim, c.N)]
-    outs, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
-    # the leaves themselves are the non-contiguous views (no copy in between)
-    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, c, kernel_backend), nc, cot, copy=False)
-    for i, (a, e) in enumerate(zip(outs_nc, outs)):
-        assert torch.equal(a, e), f"output {i} differs from the contiguous result"
-    for k in grads:
-        assert torch.equal(grads_nc[k], grads[k]), f"d{k} differs from the contiguous result"
+    T.assert_layout_invariant(lambda **a: run(a, c, kernel_backend), inp, nc, cot, ("out", "last_state"))
 
 
 def test_batch_broadcast_views(seed, kernel_backend):
@@ -516,16 +476,7 @@ def test_backends_agree(seed, kernel_backend):
 def test_default_backend_selection(seed, cpu_backend, clean_env):
     c = Case(2, 8, 40, 4, False)
     inp = c.inputs(seed, F32)
-    out_cpu, _ = run(inp, c, "cpu")
-    out_ref, _ = run(inp, c, "reference")
-    assert not torch.equal(out_cpu, out_ref), "cpu and reference agree bitwise: the selection check is vacuous"
-    assert torch.equal(run(inp, c, None)[0], out_cpu)
-    assert torch.equal(run(inp, c, "auto")[0], out_cpu)
-    clean_env.setenv("VLSSM_BACKEND", "reference")
-    assert torch.equal(run(inp, c, None)[0], out_ref)
-    assert torch.equal(run(inp, c, "cpu")[0], out_cpu)  # explicit argument wins
-    clean_env.setenv("VLSSM_BACKEND", "nonsense")
-    T.check_raises(ValueError, "VLSSM_BACKEND", run, inp, c, None)
+    T.assert_backend_selection(lambda be: run(inp, c, be)[0], clean_env)
 
 
 def test_reference_backend_without_extension(seed):
@@ -597,10 +548,6 @@ def _valid():
     return T.scan_inputs(11, BAD_B, BAD_D, BAD_L, BAD_N, F32, has_h0=True)
 
 
-def _meta(t):
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-
 BAD = [
     # (id, exception, argument named, overrides)
     ("u-rank2", ValueError, "u", dict(u=torch.randn(BAD_B, BAD_D))),
@@ -647,38 +594,24 @@ BAD = [
 
 
 def _apply_bad(spec):
-    inp = _valid()
-    if isinstance(spec, dict):
-        inp.update(spec)
-    elif spec.startswith("meta:"):
-        k = spec[5:]
-        inp[k] = _meta(inp[k])
-    elif spec.startswith("numpy:"):
-        k = spec[6:]
-        inp[k] = inp[k].numpy()
-    elif spec.startswith("empty:"):
-        which = spec[6:]
-        b, d, L, N = BAD_B, BAD_D, BAD_L, BAD_N
-        b, d, L = (0 if which == "b" else b), (0 if which == "D" else d), (0 if which == "L" else L)
-        inp = T.scan_inputs(0, max(b, 1), max(d, 1), max(L, 1), N, F32, has_h0=True)
-        inp.update(u=torch.empty(b, d, L), delta=torch.empty(b, d, L), z=torch.empty(b, d, L),
-                   B=torch.empty(b, N, L), C=torch.empty(b, N, L), A=-torch.rand(d, N), D=torch.rand(d),
-                   delta_bias=torch.rand(d), initial_state=torch.rand(b, d, N))
+    """T.with_bad on the valid inputs; "empty:<b|D|L>": every input with that size 0."""
+    if not (isinstance(spec, str) and spec.startswith("empty:")):
+        return T.with_bad(_valid(), spec)
+    which = spec[6:]
+    b, d, L, N = BAD_B, BAD_D, BAD_L, BAD_N
+    b, d, L = (0 if which == "b" else b), (0 if which == "D" else d), (0 if which == "L" else L)
+    inp = T.scan_inputs(0, max(b, 1), max(d, 1), max(L, 1), N, F32, has_h0=True)
+    inp.update(u=torch.empty(b, d, L), delta=torch.empty(b, d, L), z=torch.empty(b, d, L),
+               B=torch.empty(b, N, L), C=torch.empty(b, N, L), A=-torch.rand(d, N), D=torch.rand(d),
+               delta_bias=torch.rand(d), initial_state=torch.rand(b, d, N))
     return inp
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("spec", BAD, ids=[s[0] for s in BAD])
 def test_bad_input(spec, backend):
     _, exc, name, over = spec
-    if backend == "cpu" and not T.HAS_EXT:
-        pytest.skip(T.EXT_SKIP_REASON)
-    if backend == "triton" and T.triton_reason() is not None:
-        pytest.skip(T.triton_reason())
     c = Case(BAD_B, BAD_D, BAD_L, BAD_N, True, True, True, True, True, True)
-    inp = _apply_bad(over)
-    msg = T.check_raises(exc, name, run, inp, c, backend)
-    assert T.first_named(msg, ARG_NAMES) == name, f"first argument named should be {name!r}: {msg!r}"
+    T.check_raises_first(exc, name, ARG_NAMES, run, _apply_bad(over), c, backend)
 
 
 @pytest.mark.parametrize("kw,name,exc", [
@@ -715,7 +648,7 @@ def test_raw_op_bad_input(over, name, exc, kernel_backend):
     elif how == "empty":
         inp[k] = inp[k][..., :0]
     elif how == "meta":
-        inp[k] = _meta(inp[k])
+        inp[k] = T.meta_like(inp[k])
     T.check_raises(exc, name, raw, inp, Case(BAD_B, BAD_D, BAD_L, BAD_N, True), kernel_backend)
 
 

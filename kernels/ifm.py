@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import ifm_ops as _ifm
+from ..ops import ifm as _ifm
 from ..ops._checks import acc_dtype
 from ._op import INTERPRET, kernel_op, launch
 
@@ -38,7 +38,7 @@ _MAX_LEAD = 4  # leading dims (..., C) of kcr_loss the kernels address
 
 
 def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 # --------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-import _ops_testlib as T
 from vlssm import ops
+from vlssm import testing as T
 from vlssm.reference import fork_conv1d_ref
 
 F32, F64 = torch.float32, torch.float64
@@ -69,13 +69,8 @@ def ref64(inp):
     return fork_conv1d_ref(a["x_prefix"], a["x_suffix"], a["weight"], a["bias"])
 
 
-#: The raw (forward, backward) op names of each kernel backend.
-RAW_OPS = {"cpu": ("fork_conv1d", "fork_conv1d_backward"),
-           "triton": ("fork_conv1d_triton", "fork_conv1d_backward_triton")}
-
-
 def raw_op(backend: str, backward: bool = False):
-    return getattr(torch.ops.vlssm, RAW_OPS[backend][int(backward)])  # int: torch 2.11 dynamo: no bool index
+    return T.raw_op("fork_conv1d", backend, backward)
 
 
 def _small(c: Case) -> bool:
@@ -169,17 +164,7 @@ def _grads(c, dtype, seed, backend):
 def test_gradients(c, dtype, seed, kernel_backend):
     T.skip_slow_triton(kernel_backend, _small(c))
     inp, grads, rgrads = _grads(c, dtype, seed, kernel_backend)
-    assert set(grads) == {k for k, v in inp.items() if v is not None}
-    bad = []
-    for k, gk in grads.items():
-        assert gk.dtype == inp[k].dtype and gk.shape == inp[k].shape, k
-        assert torch.isfinite(gk).all(), f"d{k} not finite"
-        if gk.numel() == 0:
-            continue
-        err = T.rel_err(gk, rgrads[k])
-        if not err < T.GRAD_TOL[dtype]:
-            bad.append(f"d{k}: {err:.3g}")
-    assert not bad, "rel err >= tol: " + ", ".join(bad)
+    T.assert_grads(grads, rgrads, inp, T.GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
@@ -205,41 +190,24 @@ GRADCHECK_CASES = [
 
 @pytest.mark.parametrize("c", GRADCHECK_CASES, ids=_id)
 def test_gradcheck(c, seed, kernel_backend):
-    inp = c.inputs(seed, F64)
-    names = [k for k in T.CONV_KEYS if inp[k] is not None and inp[k].numel() > 0]
-    leaves = [inp[k].clone().requires_grad_(True) for k in names]
-
-    def fn(*xs):
-        return run(dict(inp, **dict(zip(names, xs))), kernel_backend)
-
-    # the interpreted Triton kernels: one random direction per input instead of the full Jacobian
-    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast)
+    T.gradcheck(lambda a: run(a, kernel_backend), c.inputs(seed, F64), kernel_backend, atol=1e-7, rtol=1e-6)
 
 
 def test_gradcheck_batch_broadcast_suffix(seed, kernel_backend):
     """x_suffix = t.expand(b, s, E) (stride 0): the gradient reaches t summed over the batch."""
     c = Case(3, 2, 3, 2, 4, True)
     inp = c.inputs(seed, F64)
-    t = inp["x_suffix"][:1].clone().requires_grad_(True)
-    xp = inp["x_prefix"].clone().requires_grad_(True)
 
-    def fn(xp, t):
-        xs = t.expand(c.b, c.s, c.E)
+    def call(a):
+        xs = a["t"].expand(c.b, c.s, c.E)
         assert xs.stride(0) == 0
-        return run(dict(inp, x_prefix=xp, x_suffix=xs), kernel_backend)
+        return run(dict(inp, x_prefix=a["x_prefix"], x_suffix=xs), kernel_backend)
 
-    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
-    assert torch.autograd.gradcheck(fn, (xp, t), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast)
+    T.gradcheck(call, dict(x_prefix=inp["x_prefix"], t=inp["x_suffix"][:1]), kernel_backend, atol=1e-7, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------
 # Registration
-
-
-def _opcheck(op, args):
-    res = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in res.values()), res
 
 
 OPCHECK_CASES = [
@@ -255,7 +223,7 @@ OPCHECK_CASES = [
 def test_opcheck_forward(c, dtype, requires_grad, seed, kernel_backend):
     inp = c.inputs(seed, dtype)
     args = [None if inp[k] is None else inp[k].clone().requires_grad_(requires_grad) for k in T.CONV_KEYS]
-    _opcheck(raw_op(kernel_backend).default, tuple(args))
+    T.opcheck(raw_op(kernel_backend).default, tuple(args))
 
 
 @pytest.mark.parametrize("c,dtype", [(Case(2, 3, 2, 5, 4, True), F32), (Case(1, 0, 3, 4, 4, False), F64),
@@ -263,7 +231,7 @@ def test_opcheck_forward(c, dtype, requires_grad, seed, kernel_backend):
 def test_opcheck_backward(c, dtype, seed, kernel_backend):
     inp = c.inputs(seed, dtype)
     dy = T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E, dtype=dtype)
-    _opcheck(raw_op(kernel_backend, True).default, (dy, *[inp[k] for k in T.CONV_KEYS]))
+    T.opcheck(raw_op(kernel_backend, True).default, (dy, *[inp[k] for k in T.CONV_KEYS]))
 
 
 @pytest.mark.parametrize("api", ["public", "raw"])
@@ -279,23 +247,14 @@ def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
             y = raw_op(kernel_backend)(xp, xs, w, bias)
         return (y * y.sum(-1, keepdim=True),)
 
-    leaves_e = [inp[k].clone().requires_grad_(True) for k in names]
-    leaves_c = [inp[k].clone().requires_grad_(True) for k in names]
-    cfn = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    out_e, out_c = fn(*leaves_e)[0], cfn(*leaves_c)[0]
-    T.assert_rel("y", out_c, out_e, 1e-6)
-    cot = T.randn(T.gen(3), *out_e.shape)
-    (out_e * cot).sum().backward()
-    (out_c * cot).sum().backward()
-    for k, a, e in zip(names, leaves_c, leaves_e):
-        T.assert_rel(f"d{k}", a.grad, e.grad, 1e-6)
+    T.compile_check(fn, inp, names, "aot_eager")
 
 
 # --------------------------------------------------------------------------
 # Determinism, layouts
 
 
-def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads, deterministic_algorithms):
+def test_deterministic_and_thread_count_independent(seed, cpu_backend):
     c = Case(3, 50, 30, 130, 4, True)
     inp = c.inputs(seed, F32)
     cot = [T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E)]
@@ -304,13 +263,7 @@ def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_t
         outs, grads = T.grads_of(lambda **a: run(a, cpu_backend), inp, cot)
         return outs + [grads[k] for k in T.CONV_KEYS]
 
-    torch.set_num_threads(2)
-    r1, r2 = once(), once()
-    torch.set_num_threads(1)
-    r3 = once()
-    for i, (a, b_, d) in enumerate(zip(r1, r2, r3)):
-        assert torch.equal(a, b_), f"result {i} differs between two runs"
-        assert torch.equal(a, d), f"result {i} differs between 2 threads and 1 thread"
+    T.assert_deterministic(once)
 
 
 def test_noncontiguous_inputs(seed, kernel_backend):
@@ -329,11 +282,7 @@ def test_noncontiguous_inputs(seed, kernel_backend):
     for k, v in nc.items():
         assert torch.equal(v, inp[k]) and not v.is_contiguous(), k
     cot = [T.randn(T.gen(seed + 1), c.b, c.p + 2 * c.s, c.E)]
-    outs, grads = T.grads_of(lambda **a: run(a, kernel_backend), inp, cot)
-    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, kernel_backend), nc, cot, copy=False)
-    assert torch.equal(outs_nc[0], outs[0])
-    for k in grads:
-        assert torch.equal(grads_nc[k], grads[k]), f"d{k} differs from the contiguous result"
+    T.assert_layout_invariant(lambda **a: run(a, kernel_backend), inp, nc, cot)
 
 
 def test_batch_broadcast_suffix(seed, kernel_backend):
@@ -369,13 +318,8 @@ def test_backends_agree(seed, kernel_backend):
 
 
 def test_default_backend_selection(seed, cpu_backend, clean_env):
-    c = Case(2, 9, 6, 40, 4, True)
-    inp = c.inputs(seed, F32)
-    y_cpu, y_ref = run(inp, "cpu"), run(inp, "reference")
-    assert not torch.equal(y_cpu, y_ref), "cpu and reference agree bitwise: the selection check is vacuous"
-    assert torch.equal(run(inp, None), y_cpu) and torch.equal(run(inp, "auto"), y_cpu)
-    clean_env.setenv("VLSSM_BACKEND", "reference")
-    assert torch.equal(run(inp, None), y_ref)
+    inp = Case(2, 9, 6, 40, 4, True).inputs(seed, F32)
+    T.assert_backend_selection(lambda be: run(inp, be), clean_env)
 
 
 # --------------------------------------------------------------------------
@@ -387,10 +331,6 @@ NB, NP, NS, NE, NK = 2, 3, 4, 5, 4
 
 def _valid():
     return T.conv_inputs(5, NB, NP, NS, NE, NK, F32)
-
-
-def _meta(t):
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
 BAD = [
@@ -423,27 +363,10 @@ BAD = [
 ]
 
 
-def _apply_bad(spec):
-    inp = _valid()
-    if isinstance(spec, dict):
-        inp.update(spec)
-    elif spec.startswith("meta:"):
-        inp[spec[5:]] = _meta(inp[spec[5:]])
-    elif spec.startswith("numpy:"):
-        inp[spec[6:]] = inp[spec[6:]].numpy()
-    return inp
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("spec", BAD, ids=[s[0] for s in BAD])
 def test_bad_input(spec, backend):
     _, exc, name, over = spec
-    if backend == "cpu" and not T.HAS_EXT:
-        pytest.skip(T.EXT_SKIP_REASON)
-    if backend == "triton" and T.triton_reason() is not None:
-        pytest.skip(T.triton_reason())
-    msg = T.check_raises(exc, name, run, _apply_bad(over), backend)
-    assert T.first_named(msg, ARG_NAMES) == name, f"first argument named should be {name!r}: {msg!r}"
+    T.check_raises_first(exc, name, ARG_NAMES, run, T.with_bad(_valid(), over), backend)
 
 
 def test_bad_backend():

@@ -1,4 +1,5 @@
-"""Helpers of the model tests (imported by path: tests run with --import-mode=importlib)."""
+"""Helpers of the model tests (tests/models): small models with random weights, random batches, and
+the names of a model's trainable parameters."""
 from __future__ import annotations
 
 import torch

@@ -1,14 +1,15 @@
 """Compare the CUDA kernels of vlssm._C with the CPU kernels, op by op.
 
-    python bench/check_cuda.py            # needs a GPU; prints one line per case
-    python bench/check_cuda.py --device cpu   # self-check of this script (CPU vs CPU)
+    python -m vlssm.bench.check_cuda                 # needs a GPU; prints one line per case
+    python -m vlssm.bench.check_cuda --device cpu    # self-check of this module (CPU vs CPU)
 
 The same cases run without a GPU against the CUDA kernels built for the CPU
-emulation (tests/cuda_emu): `cases()` lists them, each takes the op namespace
-under test and its device.
+emulation (tests/cuda_emu, vlssm.testing.cuda_emu): `cases()` lists them, each
+takes the op namespace under test and its device.
 
 Same inputs on both devices (made on the CPU, copied), float64 and float32
-expect ~1e-12 / ~1e-5 relative error, bf16 / fp16 ~1e-2. Covers every N config
+expect ~1e-12 / ~1e-5 relative error, bf16 / fp16 ~1e-2; a case fails above
+vlssm.testing.CROSS_TOL (norm-wise relative error). Covers every N config
 of the scan kernels (N = 1, 4, 16, 17, 64, 256), odd sizes (D = 1, 3, 197;
 L = 1, 63, 65, 129), p = 0, stride-0 batch broadcast of z / x_suffix,
 transposed channel-major views, reverse, initial_state, dlast_state.
@@ -25,20 +26,17 @@ import itertools
 import torch
 
 import vlssm.ops  # noqa: F401  (registers the ops)
+from vlssm import testing as T
 from vlssm.reference import fork_scan_ref, selective_scan_ref
 
 ops = torch.ops.vlssm
 
 
 def rel(a, b):
+    """T.rel_err of a (on any device) vs b; 0 for two empty tensors."""
     if a.numel() == 0 and b.numel() == 0:
         return 0.0
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def tol(dtype):
-    return {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}[dtype]
+    return T.rel_err(a.cpu(), b.cpu())
 
 
 def report(name, outs_dev, outs_cpu, dtype, failures, like=None):
@@ -50,7 +48,7 @@ def report(name, outs_dev, outs_cpu, dtype, failures, like=None):
             nonfinite.append(i)
         else:
             worst = max(worst, rel(a, b))
-    ok = not nonfinite and worst <= tol(dtype)
+    ok = not nonfinite and worst <= T.CROSS_TOL[dtype]
     print(f"{'ok  ' if ok else 'FAIL'} {name}: max rel err {worst:.2e}"
           + (f"; outputs {nonfinite} have non-finite values" if nonfinite else ""))
     if not ok:
@@ -62,7 +60,7 @@ def to(dev, *ts):
 
 
 def selective_case(dut, dev, failures, b, D, L, N, dtype, reverse, with_opt, transposed):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = T.acc_dtype(dtype)
     g = torch.Generator().manual_seed(b * 1000 + D * 10 + L + N)
     if transposed:  # (b, L, D) memory viewed as (b, D, L)
         u = torch.randn(b, L, D, generator=g).to(dtype).transpose(1, 2)
@@ -90,7 +88,7 @@ def selective_case(dut, dev, failures, b, D, L, N, dtype, reverse, with_opt, tra
 
 
 def fork_case(dut, dev, failures, b, E, p, s, N, dtype, with_opt, bcast_z):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = T.acc_dtype(dtype)
     L = p + 2 * s
     g = torch.Generator().manual_seed(b * 1000 + E * 10 + p + s + N)
     u = torch.randn(b, L, E, generator=g).to(dtype)
@@ -154,7 +152,7 @@ def lay_name(layout):
 
 def layout_inputs(b, D, L, N, dtype, Blay, Clay, with_opt, token_major, strided):
     """(generator, acc dtype, u, delta, A, B, C, D, delta_bias) of a layout case; D, delta_bias None without opt."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = T.acc_dtype(dtype)
     g = torch.Generator().manual_seed(b * 1000 + D * 10 + L + N + 7 * Blay + 3 * Clay)
     act = (b, L, D) if token_major else (b, D, L)
     u = torch.randn(*act, generator=g).to(dtype)

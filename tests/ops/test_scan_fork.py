@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import _ops_testlib as T
 from vlssm import ops
+from vlssm import testing as T
 from vlssm.reference import fork_scan_ref
 
 F32, F64 = torch.float32, torch.float64
@@ -84,12 +84,8 @@ def ref64(inp, c: Case, **over):
                          c.softplus)
 
 
-#: The raw (forward, backward) op names of each kernel backend.
-RAW_OPS = {"cpu": ("fork_scan", "fork_scan_backward"), "triton": ("fork_scan_triton", "fork_scan_backward_triton")}
-
-
 def raw_op(backend: str, backward: bool = False):
-    return getattr(torch.ops.vlssm, RAW_OPS[backend][int(backward)])  # int: torch 2.11 dynamo: no bool index
+    return T.raw_op("fork_scan", backend, backward)
 
 
 def _small(c: Case, steps: int = 140) -> bool:
@@ -125,7 +121,7 @@ def test_forward(c, dtype, seed, kernel_backend):
     ref = ref64(inp, c)
     assert out.dtype == dtype and out.shape == (c.b, c.s, c.E)
     T.assert_rel("out", out, ref, T.FWD_TOL[dtype])
-    T.assert_elementwise("out", out, ref, *{F32: (1e-4, 1e-5), F64: (1e-9, 1e-11)}[dtype])
+    T.assert_elementwise("out", out, ref, *T.ELEMENTWISE_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
@@ -172,15 +168,7 @@ def test_gradients(c, dtype, seed, kernel_backend):
     cot = [T.randn(T.gen(seed + 7), c.b, c.s, c.E, dtype=F64)]
     _, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
     _, rgrads = T.grads_of(lambda **a: ref64(a, c), T.up_all(inp), cot)
-    assert set(grads) == set(rgrads) == {k for k, v in inp.items() if v is not None}
-    bad = []
-    for k, gk in grads.items():
-        assert gk.dtype == inp[k].dtype and gk.shape == inp[k].shape, k
-        assert torch.isfinite(gk).all(), f"d{k} not finite"
-        err = T.rel_err(gk, rgrads[k])
-        if not err < T.GRAD_TOL[dtype]:
-            bad.append(f"d{k}: {err:.3g}")
-    assert not bad, "rel err >= tol: " + ", ".join(bad)
+    T.assert_grads(grads, rgrads, inp, T.GRAD_TOL[dtype])
     if c.p:  # C of the prefix is never read: its gradient is exactly zero
         assert torch.count_nonzero(grads["C"][:, :c.p]) == 0
 
@@ -214,31 +202,19 @@ GRADCHECK_CASES = [
 @pytest.mark.parametrize("c", GRADCHECK_CASES, ids=_id)
 def test_gradcheck(c, seed, kernel_backend):
     T.skip_slow_triton(kernel_backend, c.L < 64)
-    inp = c.inputs(seed, F64)
-    names = [k for k in T.FORK_KEYS if inp[k] is not None]
-    leaves = [inp[k].clone().requires_grad_(True) for k in names]
-
-    def fn(*xs):
-        return run(dict(inp, **dict(zip(names, xs))), c, kernel_backend)
-
-    # the interpreted Triton kernels: one random direction per input instead of the full Jacobian
-    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
+    T.gradcheck(lambda a: run(a, c, kernel_backend), c.inputs(seed, F64), kernel_backend)
 
 
 def test_gradcheck_batch_broadcast_z(seed, kernel_backend):
     c = Case(3, 2, 2, 2, 2)
     inp = c.inputs(seed, F64)
-    z1 = inp["z"][:1].clone().requires_grad_(True)
-    u = inp["u"].clone().requires_grad_(True)
 
-    def fn(u, z1):
-        z = z1.expand(c.b, c.s, c.E)
+    def call(a):
+        z = a["z1"].expand(c.b, c.s, c.E)
         assert z.stride(0) == 0
-        return run(dict(inp, u=u, z=z), c, kernel_backend)
+        return run(dict(inp, u=a["u"], z=z), c, kernel_backend)
 
-    fast = kernel_backend == "triton" and T.TRITON_INTERPRETED
-    assert torch.autograd.gradcheck(fn, (u, z1), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
+    T.gradcheck(call, dict(u=inp["u"], z1=inp["z"][:1]), kernel_backend)
 
 
 # --------------------------------------------------------------------------
@@ -306,11 +282,6 @@ def test_fused_pipeline_equals_unfused(b, p, s, E, N, R, K, seed, kernel_backend
 # Registration
 
 
-def _opcheck(op, args):
-    res = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in res.values()), res
-
-
 OPCHECK_CASES = [
     (Case(2, 3, 2, 5, 4, True, True, True, True), F32, True),
     (Case(1, 0, 3, 4, 2, False, False, False, False), F32, False),
@@ -325,7 +296,7 @@ def test_opcheck_forward(c, dtype, requires_grad, seed, kernel_backend):
     T.skip_slow_triton(kernel_backend, c.L < 64 and requires_grad)
     inp = c.inputs(seed, dtype)
     args = [None if inp[k] is None else inp[k].clone().requires_grad_(requires_grad) for k in T.FORK_KEYS]
-    _opcheck(raw_op(kernel_backend).default, (*args, c.p, c.softplus))
+    T.opcheck(raw_op(kernel_backend).default, (*args, c.p, c.softplus))
 
 
 @pytest.mark.parametrize("c,dtype", [(Case(2, 3, 2, 5, 4, True, True, True, True), F32),
@@ -337,7 +308,7 @@ def test_opcheck_backward(c, dtype, seed, kernel_backend):
     inp = c.inputs(seed, dtype)
     _, ysum, ck = raw(inp, c, kernel_backend)
     dout = T.randn(T.gen(seed + 1), c.b, c.s, c.E, dtype=dtype)
-    _opcheck(raw_op(kernel_backend, True).default,
+    T.opcheck(raw_op(kernel_backend, True).default,
              (dout, *[inp[k] for k in T.FORK_KEYS], ysum, ck, c.p, c.softplus))
 
 
@@ -362,24 +333,15 @@ def test_compile_fullgraph_aot_eager(api, seed, kernel_backend, clean_env):
             return ops.fork_scan(u, dt, A, B, C, D, z, dt_bias, p, True, backend=kernel_backend)
         return torch.ops.vlssm.fork_scan(u, dt, A, B, C, D, z, dt_bias, p, True)[0]
 
-    args = (xP, xS, z, *prm.values())
-    leaves_e = [t.clone().requires_grad_(True) for t in args]
-    leaves_c = [t.clone().requires_grad_(True) for t in args]
-    out_e = fn(*leaves_e)
-    out_c = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves_c)
-    T.assert_rel("out", out_c, out_e, 1e-6)
-    cot = T.randn(g, b, s, E)
-    (out_e * cot).sum().backward()
-    (out_c * cot).sum().backward()
-    for i, (a, e) in enumerate(zip(leaves_c, leaves_e)):
-        T.assert_rel(f"grad {i}", a.grad, e.grad, 1e-6)
+    inp = dict(xP=xP, xS=xS, z=z, **prm)
+    T.compile_check(lambda *xs: (fn(*xs),), inp, list(inp), "aot_eager")
 
 
 # --------------------------------------------------------------------------
 # Determinism, layouts
 
 
-def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_threads, deterministic_algorithms):
+def test_deterministic_and_thread_count_independent(seed, cpu_backend):
     c = Case(3, 70, 40, 70, 5)
     inp = c.inputs(seed, F32)
     cot = [T.randn(T.gen(seed + 1), c.b, c.s, c.E)]
@@ -388,13 +350,7 @@ def test_deterministic_and_thread_count_independent(seed, cpu_backend, restore_t
         outs, grads = T.grads_of(lambda **a: run(a, c, cpu_backend), inp, cot)
         return outs + [grads[k] for k in sorted(grads)]
 
-    torch.set_num_threads(2)
-    r1, r2 = once(), once()
-    torch.set_num_threads(1)
-    r3 = once()
-    for i, (a, b_, d) in enumerate(zip(r1, r2, r3)):
-        assert torch.equal(a, b_), f"result {i} differs between two runs"
-        assert torch.equal(a, d), f"result {i} differs between 2 threads and 1 thread"
+    T.assert_deterministic(once)
 
 
 def test_noncontiguous_inputs(seed, kernel_backend):
@@ -422,11 +378,7 @@ def test_noncontiguous_inputs(seed, kernel_backend):
     for k, v in nc.items():
         assert torch.equal(v, inp[k]) and not v.is_contiguous(), k
     cot = [T.randn(T.gen(seed + 1), c.b, c.s, c.E)]
-    outs, grads = T.grads_of(lambda **a: run(a, c, kernel_backend), inp, cot)
-    outs_nc, grads_nc = T.grads_of(lambda **a: run(a, c, kernel_backend), nc, cot, copy=False)
-    assert torch.equal(outs_nc[0], outs[0])
-    for k in grads:
-        assert torch.equal(grads_nc[k], grads[k]), f"d{k} differs from the contiguous result"
+    T.assert_layout_invariant(lambda **a: run(a, c, kernel_backend), inp, nc, cot)
 
 
 def test_batch_broadcast_z(seed, kernel_backend):
@@ -452,11 +404,7 @@ def test_backends_agree(seed, kernel_backend):
 def test_default_backend_selection(seed, cpu_backend, clean_env):
     c = Case(2, 9, 6, 20, 4)
     inp = c.inputs(seed, F32)
-    y_cpu, y_ref = run(inp, c, "cpu"), run(inp, c, "reference")
-    assert not torch.equal(y_cpu, y_ref), "cpu and reference agree bitwise: the selection check is vacuous"
-    assert torch.equal(run(inp, c, None), y_cpu) and torch.equal(run(inp, c, "auto"), y_cpu)
-    clean_env.setenv("VLSSM_BACKEND", "reference")
-    assert torch.equal(run(inp, c, None), y_ref)
+    T.assert_backend_selection(lambda be: run(inp, c, be), clean_env)
 
 
 # --------------------------------------------------------------------------
@@ -469,10 +417,6 @@ NL = NP + 2 * NS
 
 def _valid():
     return T.fork_inputs(9, NB, NP, NS, NE, NN, F32)
-
-
-def _meta(t):
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
 BAD = [
@@ -519,27 +463,15 @@ BAD = [
 
 
 def _call_bad(spec, backend):
-    inp = dict(_valid(), prefix_len=NP, delta_softplus=True, backend=backend)
-    if isinstance(spec, dict):
-        inp.update(spec)
-    elif spec.startswith("meta:"):
-        inp[spec[5:]] = _meta(inp[spec[5:]])
-    elif spec.startswith("numpy:"):
-        inp[spec[6:]] = inp[spec[6:]].numpy()
+    inp = T.with_bad(dict(_valid(), prefix_len=NP, delta_softplus=True, backend=backend), spec)
     return ops.fork_scan(*[inp[k] for k in T.FORK_KEYS], inp["prefix_len"], inp["delta_softplus"],
                          backend=inp["backend"])
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("spec", BAD, ids=[s[0] for s in BAD])
 def test_bad_input(spec, backend):
     _, exc, name, over = spec
-    if backend == "cpu" and not T.HAS_EXT:
-        pytest.skip(T.EXT_SKIP_REASON)
-    if backend == "triton" and T.triton_reason() is not None:
-        pytest.skip(T.triton_reason())
-    msg = T.check_raises(exc, name, _call_bad, over, backend)
-    assert T.first_named(msg, ARG_NAMES) == name, f"first argument named should be {name!r}: {msg!r}"
+    T.check_raises_first(exc, name, ARG_NAMES, _call_bad, over, backend)
 
 
 @pytest.mark.parametrize("over,name,exc", [
