@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import vlssm
 from vlssm import _backend
+from vlssm import testing as T
 from vlssm.bench.qmvl import CSV_COLUMNS
 from vlssm.cli import main
 
@@ -20,11 +20,8 @@ TINY = ["qmvl", "--batch", "1", "--m", "5", "--c", "3", "--d", "16", "--reps", "
 
 def _run(args, cwd, timeout=600):
     """Run ``python -m vlssm.cli ARGS`` on the very vlssm these tests imported, from ``cwd``."""
-    env = dict(os.environ)
-    pkg_root = str(Path(vlssm.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return subprocess.run([sys.executable, "-m", "vlssm.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "vlssm.cli", *args], cwd=cwd, env=T.child_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
 def _read_csv(folder):
@@ -196,9 +193,7 @@ def test_bench_script_help(tmp_path):
     script = REPO / "bench" / "qmvl.py"
     if not script.exists():
         pytest.skip("bench/qmvl.py is not in this tree")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(vlssm.__file__).resolve().parents[1])
-    r = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=T.child_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "--providers" in r.stdout

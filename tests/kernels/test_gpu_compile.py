@@ -5,14 +5,13 @@ The op tests run the kernels in the interpreter, which compiles nothing; this
 is the check that the same kernels, with the variants the ops launch, get
 through Triton's compiler and ptxas for the GPUs vlssm targets.
 """
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import vlssm
+from vlssm import testing as T
 
 SCRIPT = Path(__file__).with_name("aot_compile.py")
 KERNELS = ["_scan_fwd_kernel", "_scan_bwd_kernel", "_conv_fwd_kernel", "_conv_dx_kernel", "_attn_fwd_kernel",
@@ -23,11 +22,8 @@ KERNELS = ["_scan_fwd_kernel", "_scan_bwd_kernel", "_conv_fwd_kernel", "_conv_dx
 def test_triton_kernels_compile_for_gpu(sm, tmp_path):
     pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia.driver", reason="triton without its CUDA backend")
-    env = dict(os.environ)
-    pkg_root = str(Path(vlssm.__file__).resolve().parents[1])  # the vlssm under test
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    r = subprocess.run([sys.executable, str(SCRIPT), str(sm)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, str(SCRIPT), str(sm)], cwd=tmp_path, env=T.child_env(),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
     assert "traced QMVL forward+backward" in r.stdout
     for name in KERNELS:

@@ -451,7 +451,6 @@ def test_import_without_open_clip():
     """vlssm.models imports without open_clip; building a backbone then says how to install it."""
     import vlssm
 
-    # the folder holding the vlssm under test, as the working directory: `python -c` imports from there first
     root = os.path.dirname(os.path.dirname(os.path.abspath(vlssm.__file__)))
     code = (
         "import sys\n"
@@ -464,7 +463,8 @@ def test_import_without_open_clip():
         "    assert 'pip install open_clip_torch' in str(e), e\n"
         "    print('OK')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=T.child_env(), cwd=root,
+                       timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]
 
 

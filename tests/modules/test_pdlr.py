@@ -20,6 +20,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
+from vlssm import testing as T  # noqa: E402
 from vlssm.modules import PDLR  # noqa: E402
 
 CONFIGS = ["RN50", "RN101", "ViT-B-16"]
@@ -368,6 +369,6 @@ def test_import_without_open_clip():
         "    assert 'pip install open_clip_torch' in str(e), e\n"
         "    print('OK')\n"
     )
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=T.child_env(), cwd=root,
+                       timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-2000:]

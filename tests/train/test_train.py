@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from vlssm import metrics as M
+from vlssm import testing as T
 from vlssm.cli import main as cli_main
 from vlssm.train import compute_metrics, gather_rows
 
@@ -53,9 +54,7 @@ def weights(path, key="model"):
 
 
 def child_env():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    return T.child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -81,6 +81,22 @@ def triton_reason() -> Optional[str]:
     return _backend._usable("triton", torch.device("cpu"))
 
 
+def child_env(**overrides: str) -> Dict[str, str]:
+    """The environment of a child Python process (``subprocess.run([sys.executable, ...], env=...)``)
+    that must import the very vlssm this process imported, installed or a source tree, whatever its
+    working directory: ``os.environ`` with that vlssm's parent folder first on PYTHONPATH, then
+    ``overrides``."""
+    import os
+
+    import vlssm
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vlssm.__file__)))
+    rest = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=root + (os.pathsep + rest if rest else ""))
+    env.update(overrides)
+    return env
+
+
 def require_backend(backend: Optional[str], device: str = "cpu") -> Optional[str]:
     """Skip the calling test where ``backend`` cannot run on ``device`` tensors here.
 
