@@ -1,4 +1,5 @@
-// Argument checks shared by every op family's compiled kernels (CPU and CUDA).
+// Argument checks shared by every op family's compiled kernels (CPU and CUDA),
+// and acc_dtype, the accumulation-dtype rule.
 // They raise ValueError / TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE)
 // naming the argument and the expected shape, so a bad direct call of
 // torch.ops.vlssm.* never reads out of bounds. The public Python API checks
@@ -16,11 +17,6 @@ namespace vlssm {
 
 // State / parameter dtype: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// An optional operand made contiguous, or an undefined tensor when absent.
-inline at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
 
 inline std::string shape_str(at::IntArrayRef s) {
   std::string r = "(";
@@ -46,25 +42,10 @@ inline void check_same(const char* name, const at::Tensor& t, const at::Tensor& 
   check_act(name, t, like.sizes().vec(), like);
 }
 
-inline void check_checkpoints(const at::Tensor& ck, std::vector<int64_t> shape, at::ScalarType dtype) {
-  check_tensor("checkpoints", ck, shape, dtype);
-}
-
 inline void check_floating(const char* name, const at::Tensor& t) {
   const auto s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, name,
                    " must be float16, bfloat16, float32 or float64, got ", s);
-}
-
-// Parameters (A, D, delta_bias, initial_state) are in the accumulation dtype.
-inline void check_param(const char* name, const at::Tensor& t, std::vector<int64_t> shape, const at::Tensor& u) {
-  check_tensor(name, t, shape, acc_dtype(u.scalar_type()));
-  TORCH_CHECK_VALUE(t.device() == u.device(), name, " must be on ", u.device(), ", got ", t.device());
-}
-
-inline void check_not_complex(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(!t.is_complex(), name, " is complex (", t.scalar_type(),
-                   "): complex A / B / C are not supported, only real float16 / bfloat16 / float32 / float64");
 }
 
 }  // namespace vlssm

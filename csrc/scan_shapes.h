@@ -29,6 +29,28 @@ struct ForkLayout {
                                         nck(nck_p + 2 * nck_s) {}
 };
 
+// Checks of the scan's own operands (the generic ones: checks.h).
+
+// An optional operand made contiguous, or an undefined tensor when absent.
+inline at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+inline void check_checkpoints(const at::Tensor& ck, std::vector<int64_t> shape, at::ScalarType dtype) {
+  check_tensor("checkpoints", ck, shape, dtype);
+}
+
+// Parameters (A, D, delta_bias, initial_state) are in the accumulation dtype.
+inline void check_param(const char* name, const at::Tensor& t, std::vector<int64_t> shape, const at::Tensor& u) {
+  check_tensor(name, t, shape, acc_dtype(u.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == u.device(), name, " must be on ", u.device(), ", got ", t.device());
+}
+
+inline void check_not_complex(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(!t.is_complex(), name, " is complex (", t.scalar_type(),
+                   "): complex A / B / C are not supported, only real float16 / bfloat16 / float32 / float64");
+}
+
 // B and C each come in one of mamba_ssm's three layouts:
 //   time-varying, one group:  selective_scan (b, N, L),    fork_scan (b, L, N);
 //   time-varying, G groups:   selective_scan (b, G, N, L), fork_scan (b, L, G, N):

@@ -37,6 +37,14 @@ def seed(request) -> int:
     return testing.seed_of(request.node.nodeid)
 
 
+@pytest.fixture
+def cpu_backend() -> str:
+    """The compiled CPU backend ("cpu"); skips when vlssm._C is missing."""
+    from vlssm import testing
+
+    return testing.require_backend("cpu")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_configs(tmp_path_factory):
     """Register the tiny configs in open_clip's config registry (when open_clip is installed)."""

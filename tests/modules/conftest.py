@@ -9,22 +9,10 @@ import pytest
 
 from vlssm import testing as T
 
-#: Backends of the code under test; "cpu" is skipped when the extension is missing.
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(not T.HAS_EXT, reason=T.EXT_SKIP_REASON)),
-]
 
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=["reference", "cpu"])
 def backend(request) -> str:
-    """Each backend of the code under test ("reference", and "cpu" when compiled)."""
-    return request.param
-
-
-@pytest.fixture
-def cpu_backend() -> str:
-    """The compiled CPU backend; skips when the extension is missing."""
-    if not T.HAS_EXT:
-        pytest.skip(T.EXT_SKIP_REASON)
-    return "cpu"
+    """Each backend of the code under test ("reference", and "cpu" when compiled: skipped when the
+    extension is missing). A test may name others with
+    ``pytest.mark.parametrize("backend", [...], indirect=True)``."""
+    return T.require_backend(request.param)

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from vlssm import testing as T
 from vlssm.modules.ifm import IFM
 
-BACKENDS = ["reference", "cpu", "triton"]
+#: Every backend of the IFM ops, through the ``backend`` fixture (tests/modules/conftest.py: it skips
+#: the missing one).
+ALL_BACKENDS = pytest.mark.parametrize("backend", ["reference", "cpu", "triton"], indirect=True)
 
 
 def _attn(layer, query, context=None):
@@ -64,10 +66,9 @@ def test_plain_torch_baseline_is_the_paper():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@ALL_BACKENDS
 @pytest.mark.parametrize("B,M,C,d,heads", [(2, 5, 3, 8, 1), (1, 1, 1, 4, 2), (3, 7, 4, 6, 3), (2, 3, 9, 8, 1)])
 def test_matches_paper_formulas_fp64(backend, B, M, C, d, heads):
-    T.require_backend(backend)
     torch.manual_seed(B * 100 + C)
     m = IFM(d, heads=heads, backend=backend).double()
     with torch.no_grad():
@@ -89,9 +90,8 @@ def test_matches_paper_formulas_fp64(backend, B, M, C, d, heads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@ALL_BACKENDS
 def test_fp32_close_to_fp64(backend):
-    T.require_backend(backend)
     torch.manual_seed(0)
     m = IFM(16, heads=2, backend=backend)
     x, th, ts = _inputs(2, 9, 5, 16, torch.float32, seed=1)

@@ -7,12 +7,6 @@ import pytest
 from vlssm import testing as T
 
 
-@pytest.fixture
-def cpu_backend() -> str:
-    """The compiled CPU backend; skips when vlssm._C is missing."""
-    return T.require_backend("cpu")
-
-
 @pytest.fixture(params=["cpu", "triton"])
 def kernel_backend(request) -> str:
     """Each compiled kernel backend in turn: "cpu" (vlssm._C) and "triton" (vlssm.kernels,

@@ -21,8 +21,9 @@ from vlssm.reference import kcr_loss_ref
 F32, F64 = torch.float32, torch.float64
 KEYS = ("t_ka", "t_ca")
 
-BACKENDS = T.backend_params()
-KERNEL_BACKENDS = T.backend_params(kernels_only=True)
+#: The kernel backends only, through the ``backend`` fixture (tests/ops/conftest.py: it skips the
+#: missing one); a test without this mark runs every backend.
+KERNEL_BACKENDS = pytest.mark.parametrize("backend", ["cpu", "triton"], indirect=True)
 
 
 class Case(NamedTuple):
@@ -124,7 +125,6 @@ def test_reference_zero_rows_match_torch(seed):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("c", CASES, ids=_id)
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_and_gradients(backend, c, dtype, seed):
     inp = c.inputs(seed, dtype)
     outs, grads = T.grads_of(lambda **a: run(a, backend), inp, [torch.tensor(1.7, dtype=F64)])
@@ -148,7 +148,6 @@ def test_forward_and_gradients(backend, c, dtype, seed):
 
 @pytest.mark.parametrize("eps", [1e-8, 1e-3])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_rows(backend, dtype, eps, seed):
     """|a| = 0 and 0 < |b| < eps: finite, equal to the reference (and to F.cosine_similarity)."""
     inp = _zero_rows(Case((2, 4, 6), (4, 6)).inputs(seed, dtype))
@@ -163,7 +162,7 @@ def test_zero_rows(backend, dtype, eps, seed):
 
 
 @pytest.mark.parametrize("dtype", T.HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@KERNEL_BACKENDS
 @pytest.mark.parametrize("c", [Case((9, 20), (3, 9, 20)), Case((2, 5, 33), (5, 33))], ids=_id)
 def test_half(c, backend, dtype, seed):
     """The loss is float32 (accumulated in float32); gradients within 2x the same-precision reference error."""
@@ -189,7 +188,7 @@ def test_gradcheck(c, seed, cpu_backend):
 # Layouts, raw ops, determinism
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@KERNEL_BACKENDS
 def test_strided_and_expanded_inputs(backend, seed):
     inp = Case((2, 5, 8), (2, 5, 8)).inputs(seed, F32)
     nc = {"t_ka": inp["t_ka"][0].expand(3, 5, 8),                                  # stride-0 batch
@@ -204,7 +203,7 @@ def test_strided_and_expanded_inputs(backend, seed):
         T.assert_rel(f"d{k}", leaves[k].grad, rl[k].grad, 1e-4)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@KERNEL_BACKENDS
 @pytest.mark.parametrize("c", [Case((5, 7), (3, 5, 7)), Case((2, 1, 20, 40), (3, 20, 40))], ids=_id)
 def test_raw_ops_write_every_element(backend, c, seed):
     """NaN-poisoned allocations: loss, stats and gradients right elementwise, twice identical."""
@@ -244,7 +243,7 @@ def test_cpu_deterministic_across_thread_counts(seed, cpu_backend):
     T.assert_deterministic(both)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@KERNEL_BACKENDS
 @pytest.mark.parametrize("c,dtype", [(Case((3, 4), (2, 3, 4)), F32), (Case((2, 3, 5), (3, 5)), F64)],
                          ids=["ka-bcast-f32", "ca-bcast-f64"])
 def test_opcheck(backend, c, dtype, seed):
@@ -256,7 +255,7 @@ def test_opcheck(backend, c, dtype, seed):
     T.opcheck(bwd.default, (torch.tensor(0.5, dtype=dtype), inp["t_ka"], inp["t_ca"], stats, 1e-8))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@KERNEL_BACKENDS
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph(backend, compiler, seed, clean_env):
     inp = Case((3, 4), (2, 3, 4)).inputs(seed, F32)
@@ -289,12 +288,10 @@ BAD = [
 
 
 @pytest.mark.parametrize("exc,name,over", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_inputs_public(backend, exc, name, over):
     T.check_raises(exc, name, run, {**_valid(), **over}, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_eps(backend):
     T.check_raises(ValueError, "eps", run, _valid(), backend, -1.0)
     T.check_raises(TypeError, "eps", run, _valid(), backend, "1e-8")
@@ -304,7 +301,7 @@ RAW_BAD = [b for b in BAD if b[0] not in ("t_ka-list", "t_ca-empty")]
 
 
 @pytest.mark.parametrize("exc,name,over", [b[1:] for b in RAW_BAD], ids=[b[0] for b in RAW_BAD])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@KERNEL_BACKENDS
 def test_bad_inputs_raw(backend, exc, name, over):
     fwd, bwd = raw_ops(backend)
     a = {**_valid(), **over}
@@ -312,7 +309,7 @@ def test_bad_inputs_raw(backend, exc, name, over):
     T.check_raises(exc, name, bwd, torch.tensor(1.0), a["t_ka"], a["t_ca"], torch.zeros(2, 3, 3), 1e-8)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@KERNEL_BACKENDS
 def test_bad_stats_and_grad_raw(backend):
     v = _valid()
     bwd = raw_ops(backend)[1]

@@ -13,8 +13,8 @@ One home for what the tests share (``from vlssm import testing as T``):
 - seeds and draws: :func:`seed_of`, :func:`gen`, :func:`randn`; :func:`grads_of`, :func:`compile_check`;
 - bad input: :func:`check_raises` (the error names the argument), :func:`check_raises_first` (and
   names it first), :func:`with_bad` / :func:`meta_like` (a bad-input case applied to valid inputs);
-- backends: :data:`HAS_EXT`, ``requires_ext`` / ``requires_triton`` (pytest marks), :func:`triton_reason`,
-  :func:`require_backend` (skip), :func:`backend_params`, :func:`skip_slow_triton`, :func:`raw_op`;
+- backends: :data:`HAS_EXT`, ``requires_ext`` (a pytest mark), :func:`triton_reason`,
+  :func:`require_backend` (skip), :func:`skip_slow_triton`, :func:`raw_op`;
   :func:`assert_backend_selection` (backend=None / "auto" / VLSSM_BACKEND);
   :func:`~vlssm._dtypes.acc_dtype` (the one accumulation-dtype rule);
 - the op tests' shared checks: :func:`assert_grads` (every gradient vs the reference's),
@@ -63,11 +63,6 @@ def __getattr__(name: str):
         import pytest
 
         return pytest.mark.skipif(not HAS_EXT, reason=EXT_SKIP_REASON)
-    if name == "requires_triton":
-        import pytest
-
-        why = triton_reason()
-        return pytest.mark.skipif(why is not None, reason=str(why))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -83,9 +78,13 @@ def triton_reason() -> Optional[str]:
 
 def child_env(**overrides: str) -> Dict[str, str]:
     """The environment of a child Python process (``subprocess.run([sys.executable, ...], env=...)``)
-    that must import the very vlssm this process imported, installed or a source tree, whatever its
-    working directory: ``os.environ`` with that vlssm's parent folder first on PYTHONPATH, then
-    ``overrides``."""
+    that must import the very vlssm this process imported, installed or a source tree:
+    ``os.environ`` with that vlssm's parent folder first on PYTHONPATH, then ``overrides``.
+
+    PYTHONPATH comes after the child's own first ``sys.path`` entry: the script's folder, or the
+    working directory for ``-c`` / ``-m``. Run such a child where no other ``vlssm/`` folder lies
+    (a temporary folder, or that parent folder itself). vlssm.bench's worker subprocesses put the
+    folder first in ``sys.path`` instead (``_harness.run_isolated``): they run from any directory."""
     import os
 
     import vlssm
@@ -100,36 +99,20 @@ def child_env(**overrides: str) -> Dict[str, str]:
 def require_backend(backend: Optional[str], device: str = "cpu") -> Optional[str]:
     """Skip the calling test where ``backend`` cannot run on ``device`` tensors here.
 
-    On "cpu": "cpu" without the compiled extension vlssm._C (reason :data:`EXT_SKIP_REASON`),
-    "triton" where :func:`triton_reason` says why; any other backend ("reference", None, "auto")
-    always runs. On "cuda": without a CUDA device, or where the backend cannot run on one (not
-    built, triton missing). Returns ``backend``."""
+    The reason is the backend resolver's own (``vlssm._backend._usable``): e.g. "cpu" without the
+    compiled extension vlssm._C, "triton" without triton or its interpreter on CPU tensors, any
+    backend on "cuda" without a CUDA device. "reference", None and "auto" always run. Returns
+    ``backend``."""
     import pytest
 
-    if device != "cpu":
-        why = (_backend._usable(backend, torch.device(device)) if torch.cuda.is_available()
-               else "no CUDA device")
-        if why is not None:
-            pytest.skip(why)
-        return backend
-    if backend == "cpu" and not HAS_EXT:
-        pytest.skip(EXT_SKIP_REASON)
-    if backend == "triton":
-        why = triton_reason()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend in ("cpu", "cuda", "triton"):
+        why = _backend._usable(backend, dev)
         if why is not None:
             pytest.skip(why)
     return backend
-
-
-def backend_params(kernels_only: bool = False) -> list:
-    """The backends as pytest parameters: "cpu" (marked ``requires_ext``), "triton" (marked
-    ``requires_triton``), then "reference" unless ``kernels_only``; the same skips as
-    :func:`require_backend`, for ``pytest.mark.parametrize``."""
-    import pytest
-
-    params = [pytest.param("cpu", marks=__getattr__("requires_ext")),
-              pytest.param("triton", marks=__getattr__("requires_triton"))]
-    return params if kernels_only else params + ["reference"]
 
 
 def raw_op(name: str, backend: str, backward: bool = False):
